@@ -1,0 +1,14 @@
+"""prunekit: structured pruning for any PyTorch model.
+
+    graph = pk.analyze(model, example_inputs)
+    pk.prune(model, graph, {group.id: units_to_drop})
+"""
+from .capture import CaptureError
+from .graph import PruneGraph, analyze
+from .spaces import Group
+from .surgery import PruningError, VerificationError, apply_masks, mask, prune, unmask
+
+__version__ = "0.1.0"
+
+__all__ = ["CaptureError", "Group", "PruneGraph", "PruningError", "VerificationError", "analyze", "apply_masks",
+           "mask", "prune", "unmask", "__version__"]

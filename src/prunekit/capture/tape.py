@@ -1,0 +1,331 @@
+"""Capture a model into an ATen-level tape.
+
+One forward pass runs under a ``TorchDispatchMode``; every ATen op call is recorded with the
+node ids of its tensor inputs and outputs and the module that was executing.  Parameters and
+buffers are recognised by identity and mapped to their fully-qualified names.  By default the
+pass runs on the ``meta`` device (no weight memory); models whose forward needs real values
+fall back to a real-tensor pass with cloned buffers, so the user's model is never changed.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.weak import WeakIdKeyDictionary
+
+log = logging.getLogger("prunekit.capture")
+
+
+@dataclass
+class TNode:
+    """A tensor value in the tape."""
+
+    id: int
+    shape: tuple[int, ...]
+    kind: str  # "input" | "param" | "buffer" | "op" | "const"
+    name: str | None = None  # fqn for params/buffers, input path for inputs
+    dtype: torch.dtype | None = None
+
+
+@dataclass
+class OpRecord:
+    """One ATen call: ``func(*args, **kwargs)`` with tensors replaced by node ids."""
+
+    index: int
+    name: str  # e.g. "aten.add.Tensor"
+    packet: str  # e.g. "add"
+    args: tuple
+    kwargs: dict
+    outputs: list  # output structure with TRef / None
+    module: str  # fqn of the innermost executing module ("" = root)
+    inplace_of: int | None = None  # node id of the mutated input, if in-place
+
+    def inputs(self) -> list["TRef"]:
+        flat, _ = tree_flatten((self.args, self.kwargs))
+        return [a for a in flat if isinstance(a, TRef)]
+
+    def outs(self) -> list["TRef"]:
+        flat, _ = tree_flatten(self.outputs)
+        return [a for a in flat if isinstance(a, TRef)]
+
+
+@dataclass(frozen=True)
+class TRef:
+    """Reference to a tape tensor node inside recorded args."""
+
+    id: int
+
+
+@dataclass
+class Tape:
+    nodes: list[TNode] = field(default_factory=list)
+    ops: list[OpRecord] = field(default_factory=list)
+    inputs: list[int] = field(default_factory=list)
+    outputs: list[int] = field(default_factory=list)
+    output_paths: list[str] = field(default_factory=list)
+    param_aliases: dict[str, list[str]] = field(default_factory=dict)  # fqn -> other names (tied)
+    device: str = "meta"
+    modules: dict[str, str] = field(default_factory=dict)  # fqn -> class name
+
+    def node(self, ref: TRef | int) -> TNode:
+        return self.nodes[ref.id if isinstance(ref, TRef) else ref]
+
+
+class CaptureError(RuntimeError):
+    """The model could not be run on the example input."""
+
+
+# ops that only read metadata / produce no tensor: skipped entirely
+_SKIP = {"sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "_local_scalar_dense", "is_same_size",
+         "_has_compatible_shallow_copy_type", "set_", "record_stream", "_assert_async", "_assert_tensor_metadata",
+         "_functional_assert_async", "resize_", "equal", "is_nonzero"}
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, tape: Tape, ids: WeakIdKeyDictionary, stack: list[str], keep: list):
+        super().__init__()
+        self.tape = tape
+        self.ids = ids
+        self.stack = stack
+        self.keep = keep  # strong refs (only used for the meta/fake pass, where tensors are free)
+
+    def _new(self, t: torch.Tensor, kind: str, name: str | None = None) -> int:
+        nid = len(self.tape.nodes)
+        self.tape.nodes.append(TNode(nid, tuple(int(s) for s in t.shape), kind, name, t.dtype))
+        self.ids[t] = nid
+        self.keep.append(t)
+        return nid
+
+    def _ref(self, x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            nid = self.ids.get(x)
+            if nid is None:
+                nid = self._new(x, "const", None)
+            return TRef(nid)
+        return x
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func.overloadpacket.__name__
+        if packet in _SKIP:
+            return out
+        rargs = tree_map(self._ref, args)
+        rkwargs = tree_map(self._ref, kwargs)
+        schema = func._schema
+        inplace_of = None
+        mutated = [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+        if mutated and isinstance(rargs[0] if rargs else None, TRef) and mutated[0] == 0:
+            inplace_of = rargs[0].id
+        outs_flat, spec = tree_flatten(out)
+        new_out = []
+        for o in outs_flat:
+            if isinstance(o, torch.Tensor):
+                new_out.append(TRef(self._new(o, "op")))
+            else:
+                new_out.append(None)
+        from torch.utils._pytree import tree_unflatten
+        rec = OpRecord(len(self.tape.ops), str(func), packet, tuple(rargs), rkwargs,
+                       tree_unflatten(new_out, spec) if new_out else [], self.stack[-1] if self.stack else "",
+                       inplace_of)
+        self.tape.ops.append(rec)
+        return out
+
+
+class _SDPAMarker(torch.overrides.TorchFunctionMode):
+    """Marks calls of F.scaled_dot_product_attention so the default 1/sqrt(E) scale is known."""
+
+    def __init__(self, rec: _Recorder):
+        super().__init__()
+        self.rec = rec
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            q = args[0] if args else kwargs.get("query")
+            scale = kwargs.get("scale", args[6] if len(args) > 6 else None)
+            if isinstance(q, torch.Tensor) and q in self.rec.ids:
+                tape = self.rec.tape
+                tape.ops.append(OpRecord(len(tape.ops), "prunekit.sdpa_scale", "prunekit.sdpa_scale",
+                                         (TRef(self.rec.ids[q]), scale), {}, [],
+                                         self.rec.stack[-1] if self.rec.stack else ""))
+        return func(*args, **kwargs)
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    if example_inputs is None:
+        raise ValueError("example_inputs is required: pass a tensor, a tuple of inputs, or a dict of keyword "
+                         "inputs that the model's forward accepts (e.g. torch.randn(1, 3, 224, 224))")
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def call_model(model: nn.Module, example_inputs: Any, forward_fn: Callable | None = None):
+    if forward_fn is not None:
+        return forward_fn(model, example_inputs)
+    args, kwargs = normalize_inputs(example_inputs)
+    return model(*args, **kwargs)
+
+
+def flatten_outputs(out: Any) -> tuple[list[torch.Tensor], list[str]]:
+    """Flatten a model output (tensor, tuple, dict, dataclass-like) into tensors with paths."""
+    res: list[torch.Tensor] = []
+    paths: list[str] = []
+
+    def rec(x, path):
+        if isinstance(x, torch.Tensor):
+            res.append(x)
+            paths.append(path or "output")
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                rec(v, f"{path}[{k!r}]")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                rec(v, f"{path}[{i}]")
+        elif hasattr(x, "to_tuple"):
+            rec(x.to_tuple(), path)
+    rec(out, "")
+    return res, paths
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Temporarily put every submodule in eval mode, restoring each flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+@contextlib.contextmanager
+def module_stack_hooks(model: nn.Module, stack: list[str]):
+    handles = []
+    for name, mod in model.named_modules():
+        def pre(m, a, _n=name):
+            stack.append(_n)
+
+        def post(m, a, o, _n=name):
+            if stack and stack[-1] == _n:
+                stack.pop()
+        handles.append(mod.register_forward_pre_hook(pre))
+        handles.append(mod.register_forward_hook(post, always_call=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def capture(model: nn.Module, example_inputs: Any, forward_fn: Callable | None = None,
+            device: str = "auto") -> Tape:
+    """Record one forward pass of ``model`` as an ATen tape.
+
+    ``device``: "meta" (no weight memory), "real" (use the model's own tensors) or "auto" (meta
+    first, real if the forward needs real values).  The model is never modified.
+    """
+    if device not in ("auto", "meta", "real"):
+        raise ValueError(f"capture device must be 'auto', 'meta' or 'real', got {device!r}")
+    on_meta = _model_device(model).type == "meta"
+    attempts = ["meta"] if (device == "meta" or on_meta) else (["real"] if device == "real" else ["meta", "real"])
+    last_err: Exception | None = None
+    for mode in attempts:
+        try:
+            return _capture_once(model, example_inputs, forward_fn, mode)
+        except CaptureError:
+            raise
+        except Exception as e:  # noqa: BLE001 - fall back to the next mode, re-raised below
+            last_err = e
+            log.debug("capture on %s failed: %s", mode, e)
+    raise CaptureError(f"running the model on the example input failed: {type(last_err).__name__}: {last_err}. "
+                       "Check that example_inputs has the shape/dtype the model's forward expects "
+                       "(or pass forward_fn=lambda model, inputs: ... for custom calling).") from last_err
+
+
+def _capture_once(model: nn.Module, example_inputs: Any, forward_fn: Callable | None, mode: str) -> Tape:
+    tape = Tape(device=mode)
+    ids = WeakIdKeyDictionary()
+    stack: list[str] = []
+    keep: list = []
+    rec = _Recorder(tape, ids, stack, keep)
+    tape.modules = {n: type(m).__name__ for n, m in model.named_modules()}
+
+    # state tensors by identity (tied weights appear once, aliases remembered)
+    state: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for kind, items in (("param", model.named_parameters(remove_duplicate=False)),
+                        ("buffer", model.named_buffers(remove_duplicate=False))):
+        for name, t in items:
+            if id(t) in seen:
+                tape.param_aliases.setdefault(seen[id(t)], []).append(name)
+                continue
+            seen[id(t)] = name
+            if mode == "meta":
+                s = torch.empty_like(t, device="meta")
+            elif kind == "buffer":
+                s = t.clone()
+            else:
+                s = t.detach()
+            state[name] = s
+            rec._new(s, kind, name)
+    # functional_call needs every alias name bound to the same tensor
+    call_state = dict(state)
+    for src, names in tape.param_aliases.items():
+        for n in names:
+            call_state[n] = state[src]
+
+    def conv_in(x):
+        if isinstance(x, torch.Tensor):
+            return torch.empty_like(x, device="meta") if mode == "meta" else x
+        return x
+    inputs = tree_map(conv_in, example_inputs) if not isinstance(example_inputs, torch.Tensor) else conv_in(example_inputs)
+    in_flat, _ = tree_flatten(inputs)
+    for i, t in enumerate(x for x in in_flat if isinstance(x, torch.Tensor)):
+        tape.inputs.append(rec._new(t, "input", f"input[{i}]"))
+
+    def run(m):
+        return call_model(m, inputs, forward_fn)
+
+    fast = torch.backends.mha.get_fastpath_enabled() if hasattr(torch.backends, "mha") else None
+    with eval_mode(model), torch.no_grad(), module_stack_hooks(model, stack):
+        if fast is not None:
+            torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with _SDPAMarker(rec), rec:
+                out = _fc(model, call_state, run)
+        finally:
+            if fast is not None:
+                torch.backends.mha.set_fastpath_enabled(fast)
+    outs, paths = flatten_outputs(out)
+    for t, p in zip(outs, paths):
+        nid = ids.get(t)
+        if nid is not None:
+            tape.outputs.append(nid)
+            tape.output_paths.append(p)
+    if not tape.outputs:
+        raise CaptureError("the model returned no tensor output on the example input")
+    return tape
+
+
+def _fc(model: nn.Module, state: dict, run: Callable):
+    """Run ``run(model)`` with module tensors temporarily swapped for ``state`` (like functional_call)."""
+    from torch.nn.utils.stateless import _reparametrize_module
+    with _reparametrize_module(model, state, tie_weights=False, strict=False):
+        return run(model)

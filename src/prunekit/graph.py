@@ -1,0 +1,207 @@
+"""``pk.analyze``: capture + channel spaces + groups, and the ``PruneGraph`` it returns."""
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .capture.tape import Tape, capture
+from .metrics.flops import op_macs
+from .spaces import core as C
+from .spaces.graph import Analyzer, Binding, Group, Member
+
+log = logging.getLogger("prunekit")
+
+_SOURCE_DIM = {  # module class -> weight dim that holds its output channels
+    "Conv1d": 0, "Conv2d": 0, "Conv3d": 0, "Linear": 0, "ConvTranspose1d": 1, "ConvTranspose2d": 1,
+    "ConvTranspose3d": 1, "Embedding": 1, "NonDynamicallyQuantizableLinear": 0,
+}
+
+
+class PruneGraph:
+    """Result of :func:`analyze`: the captured tape, channel spaces and groups of one model."""
+
+    def __init__(self, model: nn.Module, tape: Tape, an: Analyzer, example_inputs: Any,
+                 forward_fn: Callable | None, prune_outputs: bool, seconds: float):
+        self.tape = tape
+        self.analyzer = an
+        self.example_inputs = example_inputs
+        self.forward_fn = forward_fn
+        self.prune_outputs = prune_outputs
+        self.analysis_seconds = seconds
+        self.model_ref = model
+        self.stale = False
+        self.groups: list[Group] = []
+        self.bindings: list[Binding] = list(an.bindings.values())
+        self.unsupported_ops = {k: sorted(v) for k, v in an.unsupported.items()}
+        self._leaf_to_group: dict[int, Group] = {}
+        self._build_groups(model)
+
+    # ------------------------------------------------------------------ groups
+    def _build_groups(self, model: nn.Module) -> None:
+        tape, an = self.tape, self.analyzer
+        members: dict[int, list[Member]] = defaultdict(list)
+        leaf_obj: dict[int, C.Space] = {}
+        order: list[int] = []
+        for nd in tape.nodes:
+            if nd.kind not in ("param", "buffer") or an.layouts[nd.id] is None:
+                continue
+            for d, lay in enumerate(an.layouts[nd.id]):
+                if lay is None or nd.shape[d] < 2:
+                    continue
+                off = 0
+                for term in C.expand(lay):
+                    sizes = tuple(s.size for s in term)
+                    for pos, s in enumerate(term):
+                        if s.size < 2:
+                            continue
+                        if s.id not in leaf_obj:
+                            leaf_obj[s.id] = s
+                            order.append(s.id)
+                        members[s.id].append(Member(nd.name, d, off, sizes, pos))
+                    off += C.term_size(term)
+        types = self.tape.modules
+        order_ch = [lid for lid in order if "nonchannel" not in leaf_obj[lid].tags]
+        for gid, lid in enumerate(order_ch):
+            s = leaf_obj[lid]
+            mem = members[lid]
+            mods = []
+            src = []
+            for m in mem:
+                mod = m.fqn.rsplit(".", 1)[0] if "." in m.fqn else m.fqn
+                if mod not in mods:
+                    mods.append(mod)
+                attr = m.fqn.rsplit(".", 1)[-1]
+                if attr == "weight" and _SOURCE_DIM.get(types.get(mod, "")) == m.dim and mod not in src:
+                    src.append(mod)
+            reason = "; ".join(s.pins)
+            prunable = not s.pins
+            if prunable and s.size < 2:
+                prunable, reason = False, "single unit"
+            unit = "head" if "head" in s.tags else "head_dim" if "head_dim" in s.tags else \
+                "group" if "group" in s.tags else "channel"
+            g = Group(id=gid, size=s.size, unit=unit, prunable=prunable, reason=reason, exact=not s.mix,
+                      inexact_reasons=list(s.mix), modules=mods, members=mem, source=src, leaf_id=lid)
+            self.groups.append(g)
+            self._leaf_to_group[lid] = g
+
+    def group(self, gid: int) -> Group:
+        if not isinstance(gid, int) or gid < 0 or gid >= len(self.groups):
+            raise KeyError(f"no group with id {gid!r}: valid ids are 0..{len(self.groups) - 1}")
+        return self.groups[gid]
+
+    @property
+    def prunable_groups(self) -> list[Group]:
+        return [g for g in self.groups if g.prunable]
+
+    # ------------------------------------------------------------------ sizes & FLOPs
+    def drops_by_leaf(self, plan: Mapping[int, Iterable[int]] | None) -> dict[int, int]:
+        """{leaf space id: number of units removed} for a plan (or counts)."""
+        res: dict[int, int] = {}
+        for gid, units in (plan or {}).items():
+            g = self.group(gid)
+            n = units if isinstance(units, int) else len(set(int(u) for u in units))
+            res[g.leaf_id] = n
+        return res
+
+    def dim_size(self, nid: int, d: int, drops: dict[int, int] | None = None) -> int:
+        lay = self.analyzer.layouts[nid][d] if self.analyzer.layouts[nid] is not None else None
+        if lay is None or not drops:
+            return self.tape.nodes[nid].shape[d]
+        return C.kept_size(lay, drops)
+
+    def macs(self, plan: Mapping[int, Any] | None = None) -> int:
+        """Multiply-accumulates of one forward on the example input, optionally after a plan.
+
+        ``plan`` maps group id -> units to drop (an iterable) or a number of units to drop.
+        """
+        drops = self.drops_by_leaf(plan) if plan else None
+        shape = lambda r: self.tape.nodes[r.id].shape  # noqa: E731
+        size = lambda r, d: self.dim_size(r.id, d, drops)  # noqa: E731
+        return sum(op_macs(op, size, shape) for op in self.tape.ops)
+
+    def flops(self, plan: Mapping[int, Any] | None = None) -> int:
+        """FLOPs (= 2 x MACs, the ``torch.utils.flop_counter`` convention)."""
+        return 2 * self.macs(plan)
+
+    @property
+    def prunable_proportion(self) -> float:
+        """Fraction of FLOPs that pruning can remove: every prunable group down to one unit."""
+        total = self.macs()
+        if total == 0:
+            return 0.0
+        plan = {g.id: g.size - 1 for g in self.prunable_groups}
+        return 1.0 - self.macs(plan) / total
+
+    # ------------------------------------------------------------------ reports
+    def summary(self, show_pinned: bool = True, max_modules: int = 3) -> str:
+        """A readable table: id, unit, size, modules, exact, prunable/reason."""
+        rows = [("id", "unit", "size", "modules", "exact", "prunable / reason")]
+        for g in self.groups:
+            if not show_pinned and not g.prunable:
+                continue
+            mods = ", ".join(g.modules[:max_modules]) + (f" (+{len(g.modules) - max_modules})"
+                                                         if len(g.modules) > max_modules else "")
+            rows.append((str(g.id), g.unit, str(g.size), mods, "yes" if g.exact else "no",
+                         "yes" if g.prunable else f"no: {g.reason[:90]}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        widths[3] = min(widths[3], 60)
+        lines = []
+        for k, r in enumerate(rows):
+            cells = [r[i][:widths[i]].ljust(widths[i]) for i in range(len(r))]
+            lines.append("  ".join(cells).rstrip())
+            if k == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        n_p = len(self.prunable_groups)
+        lines.append(f"{len(self.groups)} groups, {n_p} prunable, "
+                     f"{sum(1 for g in self.prunable_groups if g.exact)} exact; "
+                     f"prunable FLOPs proportion {self.prunable_proportion:.1%}")
+        if self.unsupported_ops:
+            lines.append("unsupported ops (channels pinned): " + ", ".join(
+                f"{k} in {', '.join(v[:3])}" for k, v in self.unsupported_ops.items()))
+        return "\n".join(lines)
+
+    def log_groups(self, level: int = logging.INFO) -> list[str]:
+        """One line per prunable group, like "group 3: source conv ...; dependents ..."."""
+        lines = [g.describe() for g in self.prunable_groups]
+        for line in lines:
+            log.log(level, line)
+        return lines
+
+    def __repr__(self) -> str:
+        return f"PruneGraph({len(self.groups)} groups, {len(self.prunable_groups)} prunable, " \
+               f"{len(self.tape.ops)} ops)"
+
+
+def analyze(model: nn.Module, example_inputs: Any = None, forward_fn: Callable | None = None, *,
+            device: str = "auto", prune_outputs: bool = False) -> PruneGraph:
+    """Capture ``model`` on ``example_inputs`` and find every group of channels that must be pruned together.
+
+    The model is not changed.  ``example_inputs`` is a tensor, a tuple of positional inputs or a
+    dict of keyword inputs; ``forward_fn(model, example_inputs)`` customises the call.
+    ``device="meta"`` analyses without weight memory (the default ``"auto"`` tries meta first).
+    ``prune_outputs=True`` allows pruning channels that reach the model's outputs.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"analyze() expects an nn.Module, got {type(model).__name__}")
+    if example_inputs is None and forward_fn is None:
+        raise ValueError("analyze() needs example_inputs (a tensor, tuple or dict the model accepts, e.g. "
+                         "torch.randn(1, 3, 224, 224)) or a forward_fn(model, inputs)")
+    t0 = time.perf_counter()
+    tape = capture(model, example_inputs, forward_fn, device=device)
+    an = Analyzer(tape, model)
+    an.run()
+    for nid, path in zip(tape.outputs, tape.output_paths):
+        for d in range(len(tape.nodes[nid].shape)):
+            if prune_outputs:
+                C.mix(an.lay(nid, d), f"reaches model output {path} (its shape changes)")
+            else:
+                C.pin(an.lay(nid, d), f"model output {path} keeps its shape (pass prune_outputs=True to allow)")
+    an.finish()
+    graph = PruneGraph(model, tape, an, example_inputs, forward_fn, prune_outputs, time.perf_counter() - t0)
+    log.debug("analysed %s in %.3fs: %r", type(model).__name__, graph.analysis_seconds, graph)
+    return graph

@@ -1,0 +1,4 @@
+from .graph import Analyzer, Binding, Group, Member
+from .rules import RULES
+
+__all__ = ["Analyzer", "Binding", "Group", "Member", "RULES"]

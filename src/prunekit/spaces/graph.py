@@ -1,0 +1,268 @@
+"""Run the op-rule table over a tape and build pruning groups."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ..capture.tape import OpRecord, Tape, TRef
+from . import core as C
+from .rules import RULES
+
+log = logging.getLogger("prunekit.spaces")
+
+# size attributes that plain torch layers keep themselves consistent with (never bound by the reshape heuristic)
+_TORCH_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+                 nn.Embedding)
+_ATTR_DENY = {"training", "in_channels", "out_channels", "in_features", "out_features", "num_classes", "img_size",
+              "patch_size", "num_features"}
+
+
+@dataclass
+class Member:
+    """One parameter/buffer dim that a group owns part of."""
+
+    fqn: str
+    dim: int
+    offset: int  # start of the term inside the dim
+    sizes: tuple[int, ...]  # sizes of the term's leaf factors (row-major)
+    pos: int  # which factor is the group's leaf
+
+    def indices(self, units: torch.Tensor) -> torch.Tensor:
+        strides = [math.prod(self.sizes[k + 1:]) for k in range(len(self.sizes))]
+        idx = torch.zeros((), dtype=torch.long)
+        for k, (n, st) in enumerate(zip(self.sizes, strides)):
+            r = units if k == self.pos else torch.arange(n)
+            shape = [1] * len(self.sizes)
+            shape[k] = -1
+            idx = idx + (r * st).reshape(shape)
+        return (idx.reshape(-1) + self.offset).sort().values
+
+
+@dataclass
+class Binding:
+    module: str
+    attr: str
+    layouts: Any  # Layout or list[Layout]
+    default: Any = None
+
+
+@dataclass
+class Group:
+    """A set of channel units that must be removed together."""
+
+    id: int
+    size: int
+    unit: str
+    prunable: bool
+    reason: str
+    exact: bool
+    inexact_reasons: list[str]
+    modules: list[str]
+    members: list[Member]
+    source: list[str] = field(default_factory=list)
+    leaf_id: int = -1
+
+    def slices(self, units: Iterable[int]) -> list[tuple[str, int, torch.Tensor]]:
+        """Every (param_fqn, dim, indices) owned by ``units`` of this group."""
+        u = _units_tensor(units, self.size, self.id)
+        return [(m.fqn, m.dim, m.indices(u)) for m in self.members]
+
+    @property
+    def dependents(self) -> list[str]:
+        return [m for m in self.modules if m not in self.source]
+
+    def describe(self) -> str:
+        src = ", ".join(self.source) or "(none)"
+        dep = ", ".join(self.dependents) or "(none)"
+        return f"group {self.id}: source {src}; dependents {dep}"
+
+    def __repr__(self) -> str:
+        state = "prunable" if self.prunable else f"pinned ({self.reason})"
+        return f"Group(id={self.id}, unit={self.unit!r}, size={self.size}, exact={self.exact}, {state})"
+
+
+def _units_tensor(units: Iterable[int], size: int, gid: int) -> torch.Tensor:
+    u = torch.as_tensor(sorted(set(int(x) for x in units)), dtype=torch.long)
+    if u.numel() and (u.min() < 0 or u.max() >= size):
+        raise ValueError(f"group {gid}: unit indices must be in [0, {size}), got {u.tolist()[:8]}")
+    return u
+
+
+class Analyzer:
+    """State of one analysis: layouts and zero flags per tape node, bindings."""
+
+    def __init__(self, tape: Tape, model: nn.Module):
+        self.tape = tape
+        self.modules = dict(model.named_modules())
+        n = len(tape.nodes)
+        self.layouts: list[list | None] = [None] * n
+        self.zeros: list[list | None] = [None] * n
+        self.bindings: dict[tuple[str, str], Binding] = {}
+        self.unsupported: dict[str, set[str]] = {}
+        self.reshape_cands: dict[tuple[str, str], list] = {}
+        self.op: OpRecord | None = None
+        for nd in tape.nodes:
+            if nd.kind in ("param", "buffer"):
+                if nd.dtype is not None and not (nd.dtype.is_floating_point or nd.dtype.is_complex):
+                    self._init(nd.id, f"integer/bool buffer {nd.name} (indices or masks keep their size)", False)
+                else:
+                    self._init(nd.id, None, True)
+            elif nd.kind == "input":
+                self._init(nd.id, "model input", False)
+            elif nd.kind == "const":
+                self._init(nd.id, "constant tensor created outside parameters (fixed size)", False)
+
+    # -- node state
+    def _init(self, nid: int, pin: str | None, zero: bool) -> None:
+        shape = self.tape.nodes[nid].shape
+        self.layouts[nid] = [C.fresh(s, pin if s > 1 else None) for s in shape]
+        self.zeros[nid] = [zero] * len(shape)
+
+    def _nid(self, ref) -> int:
+        return ref.id if isinstance(ref, TRef) else int(ref)
+
+    def shape(self, ref) -> tuple[int, ...]:
+        return self.tape.nodes[self._nid(ref)].shape
+
+    def lay(self, ref, d: int):
+        nid = self._nid(ref)
+        if self.layouts[nid] is None:
+            self._init(nid, f"produced by {self.where(self.op)}", False)
+        l = self.layouts[nid][d]
+        if l is None:
+            s = self.shape(nid)[d]
+            l = self.layouts[nid][d] = C.fresh(s, f"dim {d} produced by {self.where(self.op)}" if s > 1 else None)
+        return l
+
+    def zero(self, ref, d: int) -> bool:
+        nid = self._nid(ref)
+        z = self.zeros[nid]
+        return bool(z[d]) if z is not None and z[d] is not None else False
+
+    def set(self, ref, d: int, layout) -> None:
+        nid = self._nid(ref)
+        if self.layouts[nid] is None:
+            n = len(self.shape(nid))
+            self.layouts[nid] = [None] * n
+            self.zeros[nid] = [None] * n
+        cur = self.layouts[nid][d]
+        if cur is not None and cur is not layout:
+            C.tie(cur, layout, self.where(self.op))
+        else:
+            self.layouts[nid][d] = layout
+
+    def set_zero(self, ref, d: int, z: bool) -> None:
+        nid = self._nid(ref)
+        if self.zeros[nid] is None:
+            self.zeros[nid] = [None] * len(self.shape(nid))
+        self.zeros[nid][d] = bool(z)
+
+    def copy_dim(self, src, ds: int, dst, dd: int) -> None:
+        self.set(dst, dd, self.lay(src, ds))
+        self.set_zero(dst, dd, self.zero(src, ds))
+
+    def is_param(self, ref) -> bool:
+        return self.tape.nodes[self._nid(ref)].kind in ("param", "buffer")
+
+    # -- context
+    def module_name(self, op: OpRecord | None) -> str:
+        return (op.module or "<root>") if op is not None else "<root>"
+
+    def where(self, op: OpRecord | None) -> str:
+        if op is None:
+            return "capture"
+        return f"{op.packet} in {self.module_name(op)}"
+
+    def module_of(self, op: OpRecord, class_names: tuple[str, ...], param=None) -> str | None:
+        m = self.modules.get(op.module)
+        if m is None:
+            return None
+        names = {c.__name__ for c in type(m).__mro__}
+        if not names.intersection(class_names):
+            return None
+        if param is not None:
+            fqn = self.tape.nodes[self._nid(param)].name or ""
+            if not fqn.startswith(op.module + ".") and op.module:
+                return None
+        return op.module
+
+    def bind(self, module: str, attr: str, layouts, default=None) -> None:
+        if layouts is None and default is None:
+            return
+        self.bindings.setdefault((module, attr), Binding(module, attr, layouts, default))
+
+    def bind_reshape(self, op: OpRecord, layouts: list, sizes: list[int]) -> None:
+        """Heuristic: int attributes of the executing module equal to a reshape size follow that size."""
+        m = self.modules.get(op.module)
+        if m is None or isinstance(m, _TORCH_LAYERS):
+            return
+        ints = {k: v for k, v in vars(m).items() if type(v) is int and v > 1 and k not in _ATTR_DENY
+                and not k.startswith("_")}
+        if not ints:
+            return
+        for lay, size in zip(layouts, sizes):
+            cands = [(size, lay)]
+            ex = C.expand(lay)
+            if len(ex) == 1 and len(ex[0]) > 1:
+                cands += [(s.size, ((s,),)) for s in ex[0]]
+            for value, l in cands:
+                for k, v in ints.items():
+                    if v == value:
+                        self.reshape_cands.setdefault((op.module, k), []).append(l)
+
+    def pin_node(self, ref, reason: str) -> None:
+        nid = self._nid(ref)
+        for d in range(len(self.shape(nid))):
+            C.pin(self.lay(nid, d), reason)
+
+    def pin_op(self, op: OpRecord, reason: str) -> None:
+        for r in op.inputs():
+            self.pin_node(r, reason)
+        for r in op.outs():
+            self.pin_node(r, reason)
+
+    # -- run
+    def run(self) -> None:
+        for op in self.tape.ops:
+            self.op = op
+            fn = RULES.get(op.packet)
+            if fn is None:
+                self.unsupported.setdefault(op.name, set()).add(self.module_name(op))
+                self.pin_op(op, f"unsupported op {op.name} in {self.module_name(op)}")
+                continue
+            try:
+                fn(self, op)
+            except C.TieError as e:
+                self.pin_op(op, f"{self.where(op)}: {e}")
+            except Exception as e:  # a rule that cannot handle an unusual call pins, never guesses
+                log.debug("rule for %s failed: %r", op.name, e)
+                self.pin_op(op, f"{self.where(op)}: rule could not handle this call ({type(e).__name__}: {e})")
+            # any output dim a rule left unset is derived and pinned
+            for r in op.outs():
+                nid = r.id
+                if self.layouts[nid] is None:
+                    self._init(nid, f"produced by {self.where(op)}", False)
+                else:
+                    for d, l in enumerate(self.layouts[nid]):
+                        if l is None:
+                            s = self.shape(nid)[d]
+                            self.layouts[nid][d] = C.fresh(s, f"dim {d} produced by {self.where(op)}" if s > 1 else None)
+        self.op = None
+
+    def finish(self) -> None:
+        """Resolve reshape-size attribute candidates: bind each attribute to a layout with free channels."""
+        for (mod, attr), cands in self.reshape_cands.items():
+            free = [l for l in cands if any(s.size > 1 and not s.pins for s in C.leaves(l))]
+            if free and (mod, attr) not in self.bindings:
+                self.bind(mod, attr, free[0])
+
+
+def node_layout(an: Analyzer, nid: int, d: int):
+    if an.layouts[nid] is None:
+        return None
+    return an.layouts[nid][d]

@@ -1,0 +1,308 @@
+"""Apply a plan: the one slicing routine, physical removal, masking, verification, rollback."""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..capture.tape import call_model, eval_mode, flatten_outputs
+from ..spaces import core as C
+
+log = logging.getLogger("prunekit.surgery")
+
+
+class PruningError(RuntimeError):
+    """A plan could not be applied; the model was left unchanged."""
+
+
+class VerificationError(PruningError):
+    """The pruned model did not reproduce the masked original; the model was restored."""
+
+
+Plan = Mapping[int, Iterable[int]]
+
+
+def _get(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
+    mod_name, _, attr = fqn.rpartition(".")
+    return (model.get_submodule(mod_name) if mod_name else model), attr
+
+
+def normalize_plan(graph, plan: Plan) -> dict[int, torch.Tensor]:
+    """Check a plan and return {group id: sorted unit tensor}; raise with a clear message."""
+    if not isinstance(plan, Mapping):
+        raise TypeError("plan must be a dict {group_id: units_to_drop}")
+    res = {}
+    for gid, units in plan.items():
+        g = graph.group(gid)
+        try:
+            u = torch.as_tensor(sorted(set(int(x) for x in units)), dtype=torch.long)
+        except TypeError as e:
+            raise TypeError(f"group {gid}: units must be an iterable of ints ({e})") from None
+        if u.numel() == 0:
+            continue
+        if not g.prunable:
+            raise PruningError(f"group {gid} ({', '.join(g.modules[:3])}) is not prunable: {g.reason}")
+        if u.min() < 0 or u.max() >= g.size:
+            raise PruningError(f"group {gid}: unit indices must be in [0, {g.size}), got {u.tolist()[:8]}")
+        if u.numel() >= g.size:
+            raise PruningError(f"group {gid}: the plan removes all {g.size} units; keep at least one "
+                               "(zero-width layers are not allowed)")
+        res[gid] = u
+    return res
+
+
+def param_drops(graph, plan: dict[int, torch.Tensor]) -> dict[str, dict[int, torch.Tensor]]:
+    """{param fqn: {dim: indices to remove}} in the original model's coordinates."""
+    acc: dict[str, dict[int, list]] = defaultdict(lambda: defaultdict(list))
+    for gid, u in plan.items():
+        for fqn, dim, idx in graph.group(gid).slices(u):
+            acc[fqn][dim].append(idx)
+    return {f: {d: torch.unique(torch.cat(v)) for d, v in dims.items()} for f, dims in acc.items()}
+
+
+def slice_tensor(t: torch.Tensor, dims: Mapping[int, torch.Tensor], mode: str = "remove") -> torch.Tensor:
+    """The one slicing routine: remove (``mode="remove"``) or zero (``"mask"``) indices along dims."""
+    out = t.detach()
+    if mode == "mask":
+        out = out.clone()
+    for d, idx in dims.items():
+        idx = idx.to(t.device)
+        if mode == "remove":
+            keep = torch.ones(out.shape[d], dtype=torch.bool, device=t.device)
+            keep[idx] = False
+            out = out.index_select(d, keep.nonzero().flatten())
+        else:
+            out.index_fill_(d, idx, 0)
+    return out
+
+
+def _aliases(graph) -> dict[str, list[str]]:
+    return graph.tape.param_aliases
+
+
+def _masked_state(model: nn.Module, graph, drops) -> dict[str, torch.Tensor]:
+    state = {}
+    for fqn, dims in drops.items():
+        mod, attr = _get(model, fqn)
+        t = getattr(mod, attr)
+        m = slice_tensor(t, dims, "mask")
+        state[fqn] = m
+        for a in _aliases(graph).get(fqn, []):
+            state[a] = m
+    return state
+
+
+def _run(model, graph, state=None):
+    from torch.nn.utils.stateless import _reparametrize_module
+    with eval_mode(model), torch.no_grad():
+        if state:
+            with _reparametrize_module(model, state, tie_weights=False, strict=False):
+                out = call_model(model, graph.example_inputs, graph.forward_fn)
+        else:
+            out = call_model(model, graph.example_inputs, graph.forward_fn)
+    return flatten_outputs(out)[0]
+
+
+class _Undo:
+    def __init__(self):
+        self.items: list[tuple] = []
+
+    def set_tensor(self, mod: nn.Module, attr: str, new: torch.Tensor) -> None:
+        if attr in mod._parameters:
+            old = mod._parameters[attr]
+            self.items.append(("p", mod, attr, old))
+            mod._parameters[attr] = new
+        else:
+            old = mod._buffers[attr]
+            self.items.append(("b", mod, attr, old))
+            mod._buffers[attr] = new
+
+    def set_attr(self, mod: nn.Module, attr: str, value: Any) -> None:
+        self.items.append(("a", mod, attr, getattr(mod, attr)))
+        setattr(mod, attr, value)
+
+    def rollback(self) -> None:
+        for kind, mod, attr, old in reversed(self.items):
+            if kind == "p":
+                mod._parameters[attr] = old
+            elif kind == "b":
+                mod._buffers[attr] = old
+            else:
+                setattr(mod, attr, old)
+        self.items.clear()
+
+
+def _binding_value(b, drops_leaf: dict[int, int], current: Any):
+    if b.layouts is None:
+        return b.default
+    if isinstance(b.layouts, list):
+        return type(current)(C.kept_size(l, drops_leaf) for l in b.layouts) if isinstance(current, (tuple, list)) \
+            else tuple(C.kept_size(l, drops_leaf) for l in b.layouts)
+    return C.kept_size(b.layouts, drops_leaf)
+
+
+def remove(model: nn.Module, graph, plan: dict[int, torch.Tensor], undo: _Undo) -> None:
+    """Physically remove the plan's units from ``model`` (in place), recording undo steps."""
+    drops = param_drops(graph, plan)
+    replaced: dict[int, torch.Tensor] = {}
+    for fqn, dims in drops.items():
+        for name in [fqn] + _aliases(graph).get(fqn, []):
+            mod, attr = _get(model, name)
+            old = getattr(mod, attr)
+            if id(old) not in replaced:
+                new = slice_tensor(old, dims, "remove")
+                if isinstance(old, nn.Parameter):
+                    new = nn.Parameter(new, requires_grad=old.requires_grad)
+                replaced[id(old)] = new
+            undo.set_tensor(mod, attr, replaced[id(old)])
+    drops_leaf = graph.drops_by_leaf({g: u.tolist() for g, u in plan.items()})
+    for b in graph.bindings:
+        try:
+            mod = model.get_submodule(b.module) if b.module else model
+        except AttributeError:
+            continue
+        if not hasattr(mod, b.attr):
+            continue
+        cur = getattr(mod, b.attr)
+        if isinstance(cur, bool) or not isinstance(cur, (int, tuple, list)):
+            continue
+        val = _binding_value(b, drops_leaf, cur)
+        if val is not None and val != cur:
+            undo.set_attr(mod, b.attr, val)
+            log.debug("%s.%s: %s -> %s", b.module, b.attr, cur, val)
+    # derived attributes that are not a plain size
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention) and any(k in drops for k in (f"{name}.in_proj_weight",)):
+            if mod.embed_dim % mod.num_heads == 0 and mod.head_dim != mod.embed_dim // mod.num_heads:
+                undo.set_attr(mod, "head_dim", mod.embed_dim // mod.num_heads)
+        if isinstance(mod, nn.PReLU) and mod.num_parameters != mod.weight.numel():
+            undo.set_attr(mod, "num_parameters", mod.weight.numel())
+
+
+def _compare(ref: list[torch.Tensor], out: list[torch.Tensor], rtol: float, atol: float) -> str | None:
+    if len(ref) != len(out):
+        return f"the model now returns {len(out)} tensors instead of {len(ref)}"
+    for i, (a, b) in enumerate(zip(ref, out)):
+        if a.shape != b.shape:
+            return f"output {i} has shape {tuple(b.shape)} instead of {tuple(a.shape)}"
+        if a.is_floating_point() and a.device.type != "meta":
+            scale = float(a.abs().max()) if a.numel() else 1.0
+            if not torch.allclose(a.float(), b.float(), rtol=rtol, atol=atol * max(1.0, scale)):
+                err = float((a.float() - b.float()).abs().max())
+                return f"output {i} differs from the masked original by up to {err:.3g} (scale {scale:.3g})"
+    return None
+
+
+def prune(model: nn.Module, graph, plan: Plan, *, verify: bool = True, rtol: float = 1e-4,
+          atol: float = 1e-5) -> nn.Module:
+    """Remove ``plan``'s units from ``model`` in place and return it.
+
+    With ``verify=True`` the example input is run again: the output shapes must be unchanged, and
+    for exact groups the pruned output must match the original with those units zeroed.  On any
+    failure the model is restored and :class:`VerificationError` explains why.
+    """
+    if graph.stale:
+        raise PruningError("this graph was already used to prune the model; call pk.analyze() again on the "
+                           "pruned model before pruning further")
+    if graph.model_ref is not model:
+        raise PruningError("the graph was built from a different model object; analyze this model first")
+    norm = normalize_plan(graph, plan)
+    if not norm:
+        return model
+    exact = {g: u for g, u in norm.items() if graph.group(g).exact}
+    inexact = {g: u for g, u in norm.items() if not graph.group(g).exact}
+    undo = _Undo()
+    try:
+        if verify:
+            if exact:
+                ref = _run(model, graph, _masked_state(model, graph, param_drops(graph, exact)))
+            else:
+                ref = _run(model, graph)
+        # stage 1: exact groups (compared with the masked original); stage 2: the rest (shape checks)
+        remove(model, graph, norm, undo)
+        if verify:
+            if inexact and exact:
+                # verify exact groups alone on a second pass: undo the inexact part by re-running stage-wise
+                undo.rollback()
+                remove(model, graph, exact, undo)
+                out = _run(model, graph)
+                msg = _compare(ref, out, rtol, atol)
+                if msg:
+                    raise VerificationError(f"pruned model does not match the masked original: {msg}")
+                undo.rollback()
+                remove(model, graph, norm, undo)
+                out = _run(model, graph)
+                msg = _compare([r for r in ref], out, float("inf"), float("inf"))
+            else:
+                out = _run(model, graph)
+                msg = _compare(ref, out, rtol, atol) if exact else _compare(ref, out, float("inf"), float("inf"))
+            if msg:
+                raise VerificationError(f"pruned model failed verification: {msg}")
+            for o in out:
+                if o.is_floating_point() and o.device.type != "meta" and not torch.isfinite(o).all():
+                    if all(torch.isfinite(r).all() for r in ref if r.is_floating_point()):
+                        raise VerificationError("pruned model produces non-finite values")
+    except VerificationError as e:
+        undo.rollback()
+        groups = ", ".join(str(g) for g in list(norm)[:10])
+        raise VerificationError(f"{e}. Groups in the plan: {groups}. The model was restored unchanged. "
+                                "This usually means the model's forward hard-codes a size; exclude those "
+                                "groups or report the model.") from None
+    except Exception as e:
+        undo.rollback()
+        raise PruningError(f"pruning failed and the model was restored: {type(e).__name__}: {e}") from e
+    graph.stale = True
+    return model
+
+
+# ---------------------------------------------------------------- soft pruning
+_MASKS = "_prunekit_masks"
+
+
+def mask(model: nn.Module, graph, plan: Plan) -> nn.Module:
+    """Soft pruning: zero the plan's units in place and remember them (see :func:`apply_masks`)."""
+    norm = normalize_plan(graph, plan)
+    drops = param_drops(graph, norm)
+    store = getattr(model, _MASKS, None)
+    if store is None:
+        store = {}
+        object.__setattr__(model, _MASKS, store)
+    with torch.no_grad():
+        for fqn, dims in drops.items():
+            mod, attr = _get(model, fqn)
+            t = getattr(mod, attr)
+            m = torch.ones_like(t, dtype=torch.bool)
+            for d, idx in dims.items():
+                m.index_fill_(d, idx.to(t.device), False)
+            if fqn in store:
+                store[fqn]["mask"] &= m
+            else:
+                store[fqn] = {"mask": m, "orig": t.detach().clone()}
+            t.mul_(store[fqn]["mask"])
+    return model
+
+
+def apply_masks(model: nn.Module) -> nn.Module:
+    """Re-zero masked units (call after ``optimizer.step()``)."""
+    store = getattr(model, _MASKS, {})
+    with torch.no_grad():
+        for fqn, s in store.items():
+            mod, attr = _get(model, fqn)
+            getattr(mod, attr).mul_(s["mask"])
+    return model
+
+
+def unmask(model: nn.Module) -> nn.Module:
+    """Remove masks and restore the masked entries' original values."""
+    store = getattr(model, _MASKS, {})
+    with torch.no_grad():
+        for fqn, s in store.items():
+            mod, attr = _get(model, fqn)
+            t = getattr(mod, attr)
+            t.copy_(torch.where(s["mask"], t, s["orig"]))
+    if hasattr(model, _MASKS):
+        object.__delattr__(model, _MASKS)
+    return model
