@@ -137,6 +137,84 @@ class PruneGraph:
         plan = {g.id: g.size - 1 for g in self.prunable_groups}
         return 1.0 - self.macs(plan) / total
 
+    # ------------------------------------------------------------------ dry run
+    def validate(self, model: nn.Module) -> list[int]:
+        """Dry-run pruning on a meta copy of ``model`` and pin groups whose removal breaks the forward.
+
+        Every prunable group loses a few units (different counts per group); the copy is re-captured and
+        each op's output shape must equal the shape the channel analysis predicts.  A forward that
+        hard-codes a size (a reshape with a constant, a check against an attribute prunekit does not
+        know) fails here, and the offending groups are found by bisection and pinned with the reason.
+        Returns the ids of newly pinned groups.
+        """
+        from .surgery.apply import _Undo, remove
+
+        cands = [g for g in self.prunable_groups]
+        if not cands:
+            return []
+        meta = _meta_copy(model)
+        # different counts per group (catches code that assumes equal halves); keep >= 2 units where possible
+        plan_all = {g.id: torch.arange(max(1, min(g.size - 2, 1 + (g.id % 3)))) for g in cands}
+        errors: dict[int, str] = {}
+
+        def check(gids: list[int]) -> str | None:
+            plan = {i: plan_all[i] for i in gids}
+            undo = _Undo()
+            try:
+                remove(meta, self, plan, undo)
+                tape = capture(meta, _to_meta(self.example_inputs), self.forward_fn, device="meta")
+                return self._compare_tape(tape, plan)
+            except Exception as e:  # noqa: BLE001 - any failure means this plan breaks the forward
+                return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            finally:
+                undo.rollback()
+
+        def bisect(gids: list[int], msg: str) -> None:
+            if len(gids) == 1:
+                errors[gids[0]] = msg
+                return
+            mid = len(gids) // 2
+            found = False
+            for part in (gids[:mid], gids[mid:]):
+                m = check(part)
+                if m:
+                    found = True
+                    bisect(part, m)
+            if not found:  # only the combination fails: pin all of them
+                for i in gids:
+                    errors[i] = msg
+
+        msg = check([g.id for g in cands])
+        if msg:
+            bisect([g.id for g in cands], msg)
+        for gid, m in errors.items():
+            g = self.groups[gid]
+            g.prunable = False
+            g.reason = f"dry-run pruning breaks the forward: {m}"
+        if errors:
+            log.info("dry run pinned %d group(s): %s", len(errors), sorted(errors))
+        return sorted(errors)
+
+    def _compare_tape(self, tape: Tape, plan) -> str | None:
+        drops = self.drops_by_leaf({k: v.tolist() for k, v in plan.items()})
+        if len(tape.ops) != len(self.tape.ops) or any(a.name != b.name for a, b in zip(self.tape.ops, tape.ops)):
+            # the op sequence changed (e.g. a dim became 1): compare the model outputs only
+            for i, (na, nb) in enumerate(zip(self.tape.outputs, tape.outputs)):
+                exp = tuple(self.dim_size(na, d, drops) for d in range(len(self.tape.nodes[na].shape)))
+                if exp != tape.nodes[nb].shape:
+                    return f"output {i} has shape {tape.nodes[nb].shape}, expected {exp}"
+            return None
+        for a, b in zip(self.tape.ops, tape.ops):
+            if a.name != b.name:
+                return f"op {a.index} is {b.name} instead of {a.name} (in {a.module or '<root>'})"
+            for ra, rb in zip(a.outs(), b.outs()):
+                exp = tuple(self.dim_size(ra.id, d, drops) for d in range(len(self.tape.nodes[ra.id].shape)))
+                got = tape.nodes[rb.id].shape
+                if exp != got:
+                    return (f"{a.name} in {a.module or '<root>'} produces shape {got}, expected {exp} "
+                            "(the forward hard-codes a size)")
+        return None
+
     # ------------------------------------------------------------------ reports
     def summary(self, show_pinned: bool = True, max_modules: int = 3) -> str:
         """A readable table: id, unit, size, modules, exact, prunable/reason."""
@@ -177,14 +255,31 @@ class PruneGraph:
                f"{len(self.tape.ops)} ops)"
 
 
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers live on the meta device."""
+    import copy
+    memo = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        mt = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(mt, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else mt
+    return copy.deepcopy(model, memo)
+
+
+def _to_meta(x: Any) -> Any:
+    from torch.utils._pytree import tree_map
+    return tree_map(lambda t: torch.empty_like(t, device="meta") if isinstance(t, torch.Tensor) else t, x)
+
+
 def analyze(model: nn.Module, example_inputs: Any = None, forward_fn: Callable | None = None, *,
-            device: str = "auto", prune_outputs: bool = False) -> PruneGraph:
+            device: str = "auto", prune_outputs: bool = False, validate: bool = True) -> PruneGraph:
     """Capture ``model`` on ``example_inputs`` and find every group of channels that must be pruned together.
 
     The model is not changed.  ``example_inputs`` is a tensor, a tuple of positional inputs or a
     dict of keyword inputs; ``forward_fn(model, example_inputs)`` customises the call.
     ``device="meta"`` analyses without weight memory (the default ``"auto"`` tries meta first).
     ``prune_outputs=True`` allows pruning channels that reach the model's outputs.
+    ``validate=True`` dry-runs pruning on a meta copy and pins groups whose removal breaks the
+    forward (hard-coded sizes); see :meth:`PruneGraph.validate`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"analyze() expects an nn.Module, got {type(model).__name__}")
@@ -203,5 +298,8 @@ def analyze(model: nn.Module, example_inputs: Any = None, forward_fn: Callable |
                 C.pin(an.lay(nid, d), f"model output {path} keeps its shape (pass prune_outputs=True to allow)")
     an.finish()
     graph = PruneGraph(model, tape, an, example_inputs, forward_fn, prune_outputs, time.perf_counter() - t0)
+    if validate:
+        graph.validate(model)
+        graph.analysis_seconds = time.perf_counter() - t0
     log.debug("analysed %s in %.3fs: %r", type(model).__name__, graph.analysis_seconds, graph)
     return graph

@@ -303,6 +303,16 @@ def _capture_once(model: nn.Module, example_inputs: Any, forward_fn: Callable | 
     def run(m):
         return call_model(m, inputs, forward_fn)
 
+    mha_handles = []
+    for mname, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            def mha_hook(m, args, kwargs, output, _n=mname):
+                q = args[0] if args else kwargs.get("query")
+                w = m.in_proj_weight if m._qkv_same_embed_dim else m.q_proj_weight  # the swapped-in tensor
+                if isinstance(q, torch.Tensor) and q in ids and w in ids:
+                    tape.ops.append(OpRecord(len(tape.ops), "prunekit.mha_constraint", "prunekit.mha_constraint",
+                                             (TRef(ids[q]), TRef(ids[w]), m._qkv_same_embed_dim), {}, [], _n))
+            mha_handles.append(mod.register_forward_hook(mha_hook, with_kwargs=True))
     fast = torch.backends.mha.get_fastpath_enabled() if hasattr(torch.backends, "mha") else None
     with eval_mode(model), torch.no_grad(), module_stack_hooks(model, stack):
         if fast is not None:
@@ -313,6 +323,8 @@ def _capture_once(model: nn.Module, example_inputs: Any, forward_fn: Callable | 
         finally:
             if fast is not None:
                 torch.backends.mha.set_fastpath_enabled(fast)
+            for h in mha_handles:
+                h.remove()
     outs, paths = flatten_outputs(out)
     for t, p in zip(outs, paths):
         nid = ids.get(t)

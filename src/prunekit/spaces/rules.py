@@ -952,3 +952,25 @@ def _index(A, op):
       "_fft_r2c", "_fft_c2r", "_fft_c2c", "view_as_complex")
 def _pin_all(A, op):
     A.pin_op(op, f"{A.where(op)}: op rearranges or indexes values (channels pinned)")
+
+
+@rule("prunekit.mha_constraint")
+def _mha(A, op):
+    """nn.MultiheadAttention computes head_dim and its final view from the query width: tie them."""
+    q, w, packed = op.args
+    E = A.shape(q)[-1]
+    where = f"MultiheadAttention {A.module_name(op)}"
+    lq = A.lay(q, len(A.shape(q)) - 1)
+    if packed:
+        try:
+            _three, inner = C.split_sizes(A.lay(w, 0), [3, E])
+            C.tie(inner, lq, where)
+        except C.TieError as e:
+            C.pin(lq, f"{where}: {e}")
+    else:
+        C.tie(A.lay(w, 0), lq, where)
+    A.bind(op.module, "embed_dim", lq)
+    m = A.modules.get(op.module)
+    if m is not None and packed:
+        A.bind(op.module, "kdim", lq)
+        A.bind(op.module, "vdim", lq)

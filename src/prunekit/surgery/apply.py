@@ -69,13 +69,13 @@ def slice_tensor(t: torch.Tensor, dims: Mapping[int, torch.Tensor], mode: str = 
     if mode == "mask":
         out = out.clone()
     for d, idx in dims.items():
-        idx = idx.to(t.device)
+        idx = idx.cpu()
         if mode == "remove":
-            keep = torch.ones(out.shape[d], dtype=torch.bool, device=t.device)
+            keep = torch.ones(out.shape[d], dtype=torch.bool)
             keep[idx] = False
-            out = out.index_select(d, keep.nonzero().flatten())
+            out = out.index_select(d, keep.nonzero().flatten().to(t.device))
         else:
-            out.index_fill_(d, idx, 0)
+            out.index_fill_(d, idx.to(t.device), 0)
     return out
 
 
