@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Mapping
@@ -65,6 +66,7 @@ class PruneGraph:
                         members[s.id].append(Member(nd.name, d, off, sizes, pos))
                     off += C.term_size(term)
         types = self.tape.modules
+        shapes = {nd.name: nd.shape for nd in tape.nodes if nd.kind in ("param", "buffer")}
         order_ch = [lid for lid in order if "nonchannel" not in leaf_obj[lid].tags]
         for gid, lid in enumerate(order_ch):
             s = leaf_obj[lid]
@@ -80,6 +82,11 @@ class PruneGraph:
                     src.append(mod)
             reason = "; ".join(s.pins)
             prunable = not s.pins
+            bad = [m for m in mem if m.offset + math.prod(m.sizes) > shapes[m.fqn][m.dim]]
+            if bad:  # never cut with indices the tensor does not have: pin and say so
+                prunable = False
+                reason = (f"inconsistent channel layout for {bad[0].fqn} dim {bad[0].dim} "
+                          "(prunekit could not map this group safely)")
             if prunable and s.size < 2:
                 prunable, reason = False, "single unit"
             unit = "head" if "head" in s.tags else "head_dim" if "head_dim" in s.tags else \
