@@ -22,6 +22,10 @@ _ATTR_DENY = {"training", "in_channels", "out_channels", "in_features", "out_fea
               "patch_size", "num_features"}
 
 
+_VIEWLIKE = {"t", "transpose", "permute", "view", "_unsafe_view", "reshape", "expand", "_to_copy", "clone",
+             "contiguous", "alias", "detach", "unsqueeze", "squeeze", "slice", "select", "lift_fresh"}
+
+
 @dataclass
 class Member:
     """One parameter/buffer dim that a group owns part of."""
@@ -105,6 +109,7 @@ class Analyzer:
         self.bindings: dict[tuple[str, str], Binding] = {}
         self.unsupported: dict[str, set[str]] = {}
         self.reshape_cands: dict[tuple[str, str], list] = {}
+        self.pderived: set[int] = {nd.id for nd in tape.nodes if nd.kind in ("param", "buffer")}
         self.op: OpRecord | None = None
         for nd in tape.nodes:
             if nd.kind in ("param", "buffer"):
@@ -167,7 +172,8 @@ class Analyzer:
         self.set_zero(dst, dd, self.zero(src, ds))
 
     def is_param(self, ref) -> bool:
-        return self.tape.nodes[self._nid(ref)].kind in ("param", "buffer")
+        """True for parameters/buffers and views of them (e.g. ``aten.t(weight)`` inside nn.Linear)."""
+        return self._nid(ref) in self.pderived
 
     # -- context
     def module_name(self, op: OpRecord | None) -> str:
@@ -242,6 +248,9 @@ class Analyzer:
             except Exception as e:  # a rule that cannot handle an unusual call pins, never guesses
                 log.debug("rule for %s failed: %r", op.name, e)
                 self.pin_op(op, f"{self.where(op)}: rule could not handle this call ({type(e).__name__}: {e})")
+            ins = op.inputs()
+            if op.packet in _VIEWLIKE and ins and ins[0].id in self.pderived:
+                self.pderived.update(r.id for r in op.outs())
             # any output dim a rule left unset is derived and pinned
             for r in op.outs():
                 nid = r.id

@@ -640,7 +640,7 @@ def _mm(A, op):
             elif so[d] > 1:
                 A.set_zero(out, d, False)
     mod = A.module_of(op, ("Linear", "LazyLinear", "NonDynamicallyQuantizableLinear"))
-    if mod is not None and A.is_param(b):
+    if mod is not None and op.packet in ("addmm", "mm", "matmul", "_addmm_activation"):
         A.bind(mod, "in_features", A.lay(a, na - 1))
         A.bind(mod, "out_features", A.lay(out, no - 1))
 

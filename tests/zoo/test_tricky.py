@@ -1,0 +1,865 @@
+"""Analyze + prune every model of the tricky zoo with a random plan, then check the pruned model.
+
+Verification inside ``pk.prune`` already compares exact groups with the masked original on the
+example input; these tests add what it does not check: another batch size, state_dict round
+trips, tracing/export, module attributes, and the expected grouping of specific models.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import random
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit as pk
+
+try:
+    from .tricky_models import TRICKY
+except ImportError:  # pragma: no cover - tests/zoo is not a package
+    from tricky_models import TRICKY
+
+NAMES = sorted(TRICKY)
+
+
+# ---------------------------------------------------------------- helpers
+def call(model, inputs):
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def flat(out):
+    """Flatten a model output into [(path, tensor)]."""
+    res = []
+
+    def rec(x, path):
+        if isinstance(x, torch.Tensor):
+            res.append((path, x))
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                rec(v, f"{path}[{k!r}]")
+        elif isinstance(x, (tuple, list)):
+            for i, v in enumerate(x):
+                rec(v, f"{path}[{i}]")
+    rec(out, "")
+    return res
+
+
+def shapes(out):
+    return [(p, tuple(t.shape)) for p, t in flat(out)]
+
+
+def assert_close_outputs(a, b, rtol=1e-4, atol=1e-5):
+    fa, fb = flat(a), flat(b)
+    assert [p for p, _ in fa] == [p for p, _ in fb]
+    for (p, x), (_, y) in zip(fa, fb):
+        assert x.shape == y.shape, p
+        if x.is_floating_point():
+            scale = max(1.0, float(x.abs().max())) if x.numel() else 1.0
+            torch.testing.assert_close(y, x, rtol=rtol, atol=atol * scale, msg=f"output {p} differs")
+        else:
+            assert torch.equal(x, y), p
+
+
+def random_plan(graph, seed: int = 0) -> dict[int, list[int]]:
+    """Remove 30-50% of the units of every prunable group (at least one, keeping at least one)."""
+    rng = random.Random(seed)
+    plan = {}
+    for g in graph.prunable_groups:
+        n = g.size
+        lo = max(1, math.ceil(0.3 * n))
+        hi = max(lo, n // 2)
+        k = min(rng.randint(lo, hi), n - 1)
+        plan[g.id] = sorted(rng.sample(range(n), k))
+    return plan
+
+
+def groups_of(graph, fqn: str, dim: int | None = None):
+    """Groups owning (part of) ``fqn`` along ``dim`` (via the public ``Group.slices``)."""
+    res = []
+    for g in graph.groups:
+        if any(f == fqn and (dim is None or d == dim) for f, d, _ in g.slices([])):
+            res.append(g)
+    return res
+
+
+def group_of(graph, fqn: str, dim: int):
+    gs = groups_of(graph, fqn, dim)
+    assert len(gs) == 1, f"{fqn} dim {dim} is owned by {len(gs)} groups: {gs}"
+    return gs[0]
+
+
+def slice_map(g, units=None) -> dict[tuple[str, int], list[int]]:
+    """{(fqn, dim): sorted indices} of ``units`` (default: all units) of group ``g``."""
+    units = range(g.size) if units is None else units
+    res: dict[tuple[str, int], list[int]] = {}
+    for f, d, idx in g.slices(units):
+        res.setdefault((f, d), [])
+        res[(f, d)] += idx.tolist()
+    return {k: sorted(v) for k, v in res.items()}
+
+
+def make(name: str, batch: int = 2, seed: int = 0):
+    factory, inp = TRICKY[name]
+    torch.manual_seed(seed)
+    model = factory().eval()
+    # non-trivial BN statistics so BN is not an identity
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+    torch.manual_seed(seed + 1)
+    return model, inp(batch)
+
+
+def try_export(model, inputs):
+    args, kwargs = ((), inputs) if isinstance(inputs, dict) else \
+        ((tuple(inputs), {}) if isinstance(inputs, (tuple, list)) else ((inputs,), {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(model, args, kwargs)
+
+
+def export_call(ep, inputs):
+    m = ep.module()
+    return call(m, inputs)
+
+
+def trace(model, inputs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if isinstance(inputs, dict):
+            return torch.jit.trace(model, example_kwarg_inputs=inputs, strict=False, check_trace=False)
+        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else inputs
+        return torch.jit.trace(model, args, strict=False, check_trace=False)
+
+
+@functools.lru_cache(maxsize=None)
+def pruned(name: str):
+    """(original copy, pruned model, graph, plan, example input, reference output of the original)."""
+    model, x = make(name)
+    original = copy.deepcopy(model)
+    with torch.no_grad():
+        ref = call(model, x)
+    graph = pk.analyze(model, x)
+    plan = random_plan(graph, seed=len(name))
+    pk.prune(model, graph, plan, verify=True)
+    return original, model, graph, plan, x, ref
+
+
+@functools.lru_cache(maxsize=None)
+def exports_before(name: str) -> bool:
+    model, x = make(name)
+    try:
+        try_export(model, x)
+        return True
+    except Exception:  # noqa: BLE001 - some models are simply not exportable
+        return False
+
+
+# ---------------------------------------------------------------- registry sanity
+def test_zoo_is_large_enough():
+    assert len(TRICKY) >= 28
+    for name, (factory, inp) in TRICKY.items():
+        assert callable(factory) and callable(inp), name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_analyze_leaves_model_unchanged(name):
+    model, x = make(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = call(model, x)
+    graph = pk.analyze(model, x)
+    assert graph.groups, "no groups found"
+    for g in graph.groups:
+        assert g.unit in ("channel", "head", "head_dim", "group")
+        assert g.size >= 2
+        assert g.prunable == (g in graph.prunable_groups)
+        if not g.prunable:
+            assert g.reason, f"pinned group {g.id} has no reason"
+        if not g.exact:
+            assert g.inexact_reasons
+    assert isinstance(graph.summary(), str) and "prunable" in graph.summary()
+    lines = graph.log_groups()
+    assert len(lines) == len(graph.prunable_groups)
+    for line, g in zip(lines, graph.prunable_groups):
+        assert line.startswith(f"group {g.id}: source ")
+    assert 0.0 <= graph.prunable_proportion <= 1.0
+    assert graph.flops() == 2 * graph.macs()
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    with torch.no_grad():
+        assert_close_outputs(ref, call(model, x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- prune with a random plan
+@pytest.mark.parametrize("name", NAMES)
+def test_prune_random_plan(name):
+    original, model, graph, plan, x, ref = pruned(name)
+    with torch.no_grad():
+        out = call(model, x)
+    assert shapes(out) == shapes(ref), "output shapes changed"
+    # the plan really removed parameters
+    n_orig = sum(p.numel() for p in original.parameters())
+    n_new = sum(p.numel() for p in model.parameters())
+    if plan:
+        assert n_new < n_orig
+        assert graph.macs(plan) <= graph.macs()
+    else:
+        assert n_new == n_orig
+    # the graph is single-use
+    if plan:
+        with pytest.raises(pk.PruningError):
+            pk.prune(model, graph, plan)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pruned_runs_on_other_batch_size(name):
+    original, model, graph, plan, x, ref = pruned(name)
+    _, inp = TRICKY[name]
+    torch.manual_seed(123)
+    x5 = inp(5)
+    with torch.no_grad():
+        out5 = call(model, x5)
+        ref5 = call(original, x5)
+    assert shapes(out5) == shapes(ref5)
+    for p, t in flat(out5):
+        if t.is_floating_point():
+            assert torch.isfinite(t).all(), p
+    # with only exact groups, the pruned model must equal the masked original on *any* input
+    if plan and all(graph.group(g).exact for g in plan):
+        masked = copy.deepcopy(original)
+        g2 = pk.analyze(masked, x)
+        assert [g.size for g in g2.groups] == [g.size for g in graph.groups]
+        pk.mask(masked, g2, plan)
+        with torch.no_grad():
+            assert_close_outputs(call(masked, x5), out5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_roundtrip(name):
+    original, model, graph, plan, x, ref = pruned(name)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.zero_()
+    sd = model.state_dict()
+    clone.load_state_dict(sd, strict=True)
+    for k, v in clone.state_dict().items():
+        assert v.shape == sd[k].shape and torch.equal(v, sd[k]), k
+    with torch.no_grad():
+        assert_close_outputs(call(model, x), call(clone, x), rtol=0, atol=0)
+    # the pruned state_dict does not load into the unpruned model when something was removed
+    if plan:
+        with pytest.raises(RuntimeError):
+            copy.deepcopy(original).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_trace_after_pruning(name):
+    original, model, graph, plan, x, ref = pruned(name)
+    traced = trace(model, x)
+    with torch.no_grad():
+        assert_close_outputs(call(model, x), call(traced, x))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_export_after_pruning(name):
+    if not exports_before(name):
+        pytest.skip("torch.export fails on the unpruned model")
+    original, model, graph, plan, x, ref = pruned(name)
+    ep = try_export(model, x)
+    with torch.no_grad():
+        assert_close_outputs(call(model, x), export_call(ep, x))
+
+
+# ---------------------------------------------------------------- module attributes match the new shapes
+def attribute_problems(model: nn.Module, kinds: tuple[type, ...]) -> list[str]:
+    bad = []
+
+    def chk(name, what, got, want):
+        if got != want:
+            bad.append(f"{name}.{what} = {got}, weight says {want}")
+
+    for name, m in model.named_modules():
+        if not isinstance(m, kinds):
+            continue
+        if isinstance(m, nn.modules.conv._ConvNd):
+            w = m.weight
+            if m.transposed:
+                chk(name, "in_channels", m.in_channels, w.shape[0])
+                chk(name, "out_channels", m.out_channels, w.shape[1] * m.groups)
+            else:
+                chk(name, "out_channels", m.out_channels, w.shape[0])
+                chk(name, "in_channels", m.in_channels, w.shape[1] * m.groups)
+            if m.in_channels % m.groups or m.out_channels % m.groups:
+                bad.append(f"{name}: groups={m.groups} does not divide {m.in_channels}/{m.out_channels}")
+            if m.bias is not None:
+                chk(name, "bias", m.bias.shape[0], m.out_channels)
+        elif isinstance(m, nn.Linear):
+            chk(name, "out_features", m.out_features, m.weight.shape[0])
+            chk(name, "in_features", m.in_features, m.weight.shape[1])
+        elif isinstance(m, nn.modules.batchnorm._NormBase):  # BatchNorm*, InstanceNorm*
+            n = m.weight.shape[0] if m.weight is not None else (
+                m.running_mean.shape[0] if m.running_mean is not None else m.num_features)
+            chk(name, "num_features", m.num_features, n)
+            if m.running_mean is not None:
+                chk(name, "running_mean", m.running_mean.shape[0], m.num_features)
+        elif isinstance(m, nn.LayerNorm):
+            if m.weight is not None:
+                chk(name, "normalized_shape", tuple(m.normalized_shape), tuple(m.weight.shape))
+        elif isinstance(m, nn.GroupNorm):
+            if m.weight is not None:
+                chk(name, "num_channels", m.num_channels, m.weight.shape[0])
+            if m.num_channels % m.num_groups:
+                bad.append(f"{name}: num_groups={m.num_groups} does not divide num_channels={m.num_channels}")
+        elif isinstance(m, nn.Embedding):
+            chk(name, "embedding_dim", m.embedding_dim, m.weight.shape[1])
+            chk(name, "num_embeddings", m.num_embeddings, m.weight.shape[0])
+        elif isinstance(m, nn.PReLU):
+            chk(name, "num_parameters", m.num_parameters, m.weight.numel())
+        elif isinstance(m, nn.MultiheadAttention):
+            chk(name, "embed_dim", m.embed_dim, m.in_proj_weight.shape[1])
+            chk(name, "3*embed_dim", 3 * m.embed_dim, m.in_proj_weight.shape[0])
+            chk(name, "num_heads*head_dim", m.num_heads * m.head_dim, m.embed_dim)
+            chk(name, "out_proj.in_features(weight)", m.out_proj.weight.shape[1], m.embed_dim)
+            chk(name, "kdim", m.kdim, m.embed_dim)
+            chk(name, "vdim", m.vdim, m.embed_dim)
+    return bad
+
+
+NON_LINEAR_KINDS = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+                    nn.Embedding, nn.PReLU, nn.MultiheadAttention)
+
+_LINEAR_BUG = ("core bug: Linear.in_features/out_features are never updated. The addmm/mm rule only binds "
+               "them when `A.is_param(b)`, but nn.Linear's weight reaches addmm through aten.t, so b is an "
+               "op output and no binding is recorded (graph.bindings has no Linear entries).")
+# models whose random plan prunes a Linear's features (every model with a prunable Linear)
+LINEAR_PRUNED = {"plain_cnn", "flatten_linear", "channels_last_mlp", "conv3d", "mlp", "bilinear_matmul",
+                 "embedding_linear", "norms", "matmul_attention", "sdpa_attention", "torch_mha", "free_params",
+                 "shared_linear", "tied_embedding", "two_inputs", "kwargs_input", "tuple_output",
+                 "nested_containers"}
+
+_INSTANCENORM_BUG = ("core bug: InstanceNorm2d(affine=True).num_features is never bound (the batch-norm rule "
+                     "skips modules whose class name contains 'Instance'), so pruning its channels leaves "
+                     "num_features stale and the forward fails")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_module_attributes_conv_norm_embedding(name):
+    original, model, graph, plan, x, ref = pruned(name)
+    assert attribute_problems(model, NON_LINEAR_KINDS) == []
+
+
+_LINEAR_ATTR_OPEN = {
+    "channels_last_mlp": "open: Linear applied to a 4-D channels-last tensor does not get in/out_features bound",
+    "torch_mha": "open: MHA's out_proj is called through F.linear inside MultiheadAttention, so its "
+                 "in/out_features are not bound",
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=_LINEAR_ATTR_OPEN[n], strict=True))
+                                  if n in _LINEAR_ATTR_OPEN else n for n in NAMES])
+def test_module_attributes_linear(name):
+    original, model, graph, plan, x, ref = pruned(name)
+    assert attribute_problems(model, (nn.Linear,)) == []
+
+
+# ---------------------------------------------------------------- outputs are pinned by default
+@pytest.mark.parametrize("name", NAMES)
+def test_model_outputs_pinned_by_default(name):
+    model, x = make(name)
+    graph = pk.analyze(model, x)
+    out_groups = [g for g in graph.groups if "model output" in g.reason]
+    assert out_groups, "no group is pinned for reaching a model output"
+    for g in out_groups:
+        assert not g.prunable
+
+
+PRUNE_OUTPUT_MODELS = ["residual_add", "mlp", "conv1d", "depthwise", "dense_concat"]
+
+
+def _output_group(name):
+    """(model, x, graph with prune_outputs=True, the group that owns the output channels)."""
+    model, x = make(name)
+    g0 = pk.analyze(model, x)
+    last = [g for g in g0.groups if "model output" in g.reason]
+    assert len(last) == 1 and not last[0].prunable
+    owned = {(f, d) for f, d, _ in last[0].slices([])}
+    graph = pk.analyze(model, x, prune_outputs=True)
+    cands = [g for g in graph.groups if {(f, d) for f, d, _ in g.slices([])} == owned]
+    assert len(cands) == 1
+    return model, x, graph, cands[0]
+
+
+@pytest.mark.parametrize("name", PRUNE_OUTPUT_MODELS)
+def test_prune_outputs_true_makes_output_channels_prunable(name):
+    model, x, graph, g = _output_group(name)
+    assert g.prunable, g.reason
+    assert "model output" not in g.reason
+    assert len(graph.prunable_groups) > len(pk.analyze(model, x).prunable_groups)
+    # without verification the output really loses the unit
+    with torch.no_grad():
+        n_out = call(model, x).shape[1]
+    pk.prune(model, graph, {g.id: [0]}, verify=False)
+    with torch.no_grad():
+        assert call(model, x).shape[1] == n_out - 1
+
+
+_PRUNE_OUTPUTS_BUG = ("core bug: with analyze(prune_outputs=True) the output group is prunable, but "
+                      "pk.prune(verify=True) always raises VerificationError 'output 0 has shape (.., n-1, ..) "
+                      "instead of (.., n, ..)': surgery._compare requires unchanged output shapes even for "
+                      "groups that were allowed to reach the output")
+
+
+@pytest.mark.parametrize("name", PRUNE_OUTPUT_MODELS)
+def test_prune_outputs_true_verified(name):
+    model, x, graph, g = _output_group(name)
+    with torch.no_grad():
+        n_out = call(model, x).shape[1]
+    pk.prune(model, graph, {g.id: [0]}, verify=True)
+    with torch.no_grad():
+        assert call(model, x).shape[1] == n_out - 1
+
+
+# ---------------------------------------------------------------- every prunable group really is prunable
+_CHUNK_BUG = ("core bug: split_chunk_narrow group 'mid, head' (mid rows 5..7, in the second half of "
+              "m.chunk(2)) is prunable but removing 2 of its 3 units fails: RuntimeError 'The size of tensor a "
+              "(4) must match the size of tensor b (3)'. chunk(2) is recorded as split.Tensor(split_size=4), so "
+              "the halves are treated as fixed cuts; the dry-run validation only drops 1 unit (ceil(7/2) is "
+              "still 4) and misses it")
+_SHUFFLE_BUG = ("core bug: nn.ChannelShuffle(2): the group factor (size 2) is prunable and exact, but removing "
+                "one group alone raises VerificationError 'output 0 differs from the masked original': the "
+                "channel_shuffle rule never binds ChannelShuffle.groups, so the pruned model still shuffles "
+                "with groups=2 (shapes are unchanged, so the dry run cannot see it)")
+KEEP_ONE_XFAIL = {"split_chunk_narrow": _CHUNK_BUG, "shuffle_module": _SHUFFLE_BUG}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=KEEP_ONE_XFAIL[n], strict=True))
+                                  if n in KEEP_ONE_XFAIL else n for n in NAMES])
+def test_each_group_alone_down_to_one_unit(name):
+    """Any valid plan on a prunable group must work: remove all units but the first / but the last."""
+    model0, x = make(name)
+    graph0 = pk.analyze(model0, x)
+    failures = []
+    for g in graph0.prunable_groups:
+        for units in (list(range(1, g.size)), list(range(g.size - 1))):
+            model = copy.deepcopy(model0)
+            graph = pk.analyze(model, x)
+            try:
+                pk.prune(model, graph, {g.id: units}, verify=True)
+            except pk.PruningError as e:
+                failures.append(f"group {g.id} ({', '.join(g.modules)}) units {units}: {str(e)[:160]}")
+    assert not failures, "\n".join(failures)
+
+
+# ---------------------------------------------------------------- expected grouping, per model
+def analyzed(name, **kw):
+    model, x = make(name)
+    return model, x, pk.analyze(model, x, **kw)
+
+
+def test_plain_cnn_groups():
+    _, _, graph = analyzed("plain_cnn")
+    g = group_of(graph, "features.0.0.weight", 0)
+    assert g.prunable and g.exact and g.size == 8
+    sm = slice_map(g)
+    assert sm[("features.0.1.weight", 0)] == list(range(8))
+    assert sm[("features.0.1.running_mean", 0)] == list(range(8))
+    assert sm[("features.1.0.weight", 1)] == list(range(8))
+    assert g.source == ["features.0.0"]
+    assert "features.1.0" in g.describe()
+    # flatten of a (N, 16, 1, 1) map feeds fc: same group, index for index
+    g3 = group_of(graph, "features.3.0.weight", 0)
+    assert slice_map(g3)[("fc.weight", 1)] == list(range(16))
+    assert graph.group(1).reason == "model input" or not group_of(graph, "features.0.0.weight", 1).prunable
+
+
+def test_residual_add_shares_one_group():
+    _, _, graph = analyzed("residual_add")
+    g = group_of(graph, "stem.weight", 0)
+    assert g is group_of(graph, "conv2.weight", 0)
+    assert g is group_of(graph, "conv1.weight", 1)
+    assert g is group_of(graph, "head.weight", 1)
+    assert g.prunable and g.exact
+    assert set(g.source) == {"stem", "conv2"}
+    inner = group_of(graph, "conv1.weight", 0)
+    assert inner is not g and inner is group_of(graph, "conv2.weight", 1)
+
+
+def test_residual_sub_mul_div_broadcast():
+    _, _, graph = analyzed("residual_sub_mul_div")
+    g = group_of(graph, "a.weight", 0)
+    for fqn, d in (("b.weight", 0), ("b.weight", 1), ("g.weight", 0), ("g.weight", 1), ("scale", 0),
+                   ("head.weight", 1)):
+        assert group_of(graph, fqn, d) is g, fqn
+    assert g.prunable and g.exact
+
+
+def test_dense_concat_offsets():
+    _, _, graph = analyzed("dense_concat")
+    stem = group_of(graph, "stem.weight", 0)
+    l0 = group_of(graph, "layers.0.2.weight", 0)
+    l1 = group_of(graph, "layers.1.2.weight", 0)
+    for g in (stem, l0, l1):
+        assert g.prunable and g.exact
+    assert slice_map(stem)[("trans.weight", 1)] == list(range(0, 6))
+    assert slice_map(l0)[("trans.weight", 1)] == list(range(6, 10))
+    assert slice_map(l1)[("trans.weight", 1)] == list(range(10, 14))
+    # the same channels at the same offset in every later consumer (and its BN)
+    assert slice_map(l0)[("layers.1.2.weight", 1)] == list(range(6, 10))
+    assert slice_map(l0)[("layers.2.2.weight", 1)] == list(range(6, 10))
+    assert slice_map(l0)[("layers.2.0.weight", 0)] == list(range(6, 10))
+    assert slice_map(l0, [1, 3])[("trans.weight", 1)] == [7, 9]
+    assert slice_map(l1, [0])[("layers.2.0.running_var", 0)] == [10]
+
+
+def test_split_chunk_narrow_boundaries():
+    _, _, graph = analyzed("split_chunk_narrow")
+    a = group_of(graph, "p1.weight", 1)
+    assert slice_map(a)[("stem.weight", 0)] == [0, 1, 2, 3]
+    # chunk halves of `mid`: first half is added to p2's output
+    # mid's rows are cut at 2 (narrow start), 4 (chunk) and 5 (narrow end): pieces 0:2, 2:4, 4:5, 5:8;
+    # the single row 4 is a 1-unit piece and owns no group
+    mids = groups_of(graph, "mid.weight", 0)
+    assert sorted(slice_map(g)[("mid.weight", 0)] for g in mids) == [[0, 1], [2, 3], [5, 6, 7]]
+    g_p2 = groups_of(graph, "p2.weight", 0)  # p2's output is added to the first chunk half
+    assert sorted(slice_map(g)[("mid.weight", 0)] for g in g_p2) == [[0, 1], [2, 3]]
+    # narrow(m, 1, 2, 3) feeds q: q's input channels are mid's rows 2..4
+    q_in = groups_of(graph, "q.weight", 1)
+    assert [slice_map(g)[("mid.weight", 0)] for g in q_in] == [[2, 3]]
+    # the literal split sizes [4, 8] break when stem's channels change: those groups are pinned, not wrong
+    assert not group_of(graph, "p1.weight", 1).prunable
+
+
+def test_slicing_groups():
+    _, _, graph = analyzed("slicing")
+    left = group_of(graph, "left.weight", 1)
+    right = group_of(graph, "right.weight", 1)
+    assert left is not right
+    assert slice_map(left)[("stem.weight", 0)] == [0, 1, 2, 3]
+    assert slice_map(right)[("stem.weight", 0)] == [4, 5, 6, 7, 8, 9]
+    assert group_of(graph, "left.weight", 0) is group_of(graph, "right.weight", 0)
+
+
+def test_unbind_pins_stack_dim_keeps_channels():
+    _, _, graph = analyzed("unbind")
+    gs = groups_of(graph, "qkv.weight", 0)
+    by_size = {g.size: g for g in gs}
+    assert set(by_size) == {3, 6}
+    assert not by_size[3].prunable and "unbind" in by_size[3].reason
+    c = by_size[6]
+    assert c.prunable and c is group_of(graph, "head.weight", 1)
+    assert slice_map(c, [1])[("qkv.weight", 0)] == [1, 7, 13]
+
+
+def test_flatten_linear_index_math():
+    _, _, graph = analyzed("flatten_linear")
+    g = group_of(graph, "conv2.weight", 0)
+    assert g.size == 4
+    assert slice_map(g, [1])[("fc1.weight", 1)] == list(range(16, 32))
+    assert slice_map(g, [0, 3])[("fc1.weight", 1)] == list(range(0, 16)) + list(range(48, 64))
+
+
+def test_channels_last_mlp_groups():
+    _, _, graph = analyzed("channels_last_mlp")
+    g = group_of(graph, "stem.weight", 0)
+    for fqn, d in (("fc1.weight", 1), ("fc2.weight", 0), ("fc2.bias", 0), ("head.weight", 1)):
+        assert group_of(graph, fqn, d) is g
+    assert g.prunable and g.exact
+    hidden = group_of(graph, "fc1.weight", 0)
+    assert hidden is group_of(graph, "fc2.weight", 1) and hidden.prunable
+
+
+def test_shuffle_view_permutation():
+    # g1 output channel i = gi * 4 + ci (2 groups of 4); after view/transpose/view it sits at position
+    # p = ci * 2 + gi, which g2 (2 groups of 4) reads as p = gj * 4 + cj.
+    _, _, graph = analyzed("shuffle_view")
+    g2_group = [g for g in groups_of(graph, "g2.weight", 0) if g.unit == "group"]
+    assert len(g2_group) == 1 and g2_group[0].size == 2
+    sm = slice_map(g2_group[0], [1])  # gj = 1  <=>  ci in {2, 3}
+    assert sm[("g1.weight", 0)] == [2, 3, 6, 7]
+    assert sm[("g2.weight", 0)] == [4, 5, 6, 7]
+    assert sm[("head.weight", 1)] == [4, 5, 6, 7]
+    g1_group = [g for g in groups_of(graph, "g1.weight", 0) if g.unit == "group" and g is not g2_group[0]]
+    assert len(g1_group) == 1 and g1_group[0].size == 2
+    sm = slice_map(g1_group[0], [1])  # gi = 1: rows 4..7 of g1, inputs 4..7 of g1, odd cj of g2
+    assert sm[("g1.weight", 0)] == [4, 5, 6, 7]
+    assert sm[("stem.weight", 0)] == [4, 5, 6, 7]
+    assert sm[("g2.weight", 1)] == [1, 3]
+
+
+def test_pixel_shuffle_index_math():
+    _, _, graph = analyzed("pixel_shuffle")
+    g = group_of(graph, "out.weight", 1)
+    assert g.size == 6 and g.prunable and g.exact
+    assert slice_map(g, [2])[("conv.weight", 0)] == [8, 9, 10, 11]
+    sub = [h for h in groups_of(graph, "conv.weight", 0) if h is not g]
+    assert sub and all(not h.prunable and "sub-pixel" in h.reason for h in sub)
+
+
+def test_pixel_unshuffle_index_math():
+    _, _, graph = analyzed("pixel_unshuffle")
+    g = group_of(graph, "conv.weight", 0)
+    assert g.size == 5 and g.prunable
+    assert slice_map(g, [1, 4])[("out.weight", 1)] == [4, 5, 6, 7, 16, 17, 18, 19]
+
+
+def test_grouped_conv_groups():
+    _, _, graph = analyzed("grouped_conv")
+    gs = groups_of(graph, "c1.weight", 0)
+    units = {g.unit: g for g in gs}
+    assert "group" in units
+    grp = units["group"]
+    assert grp.size == 4 and grp.prunable
+    assert slice_map(grp, [1])[("c1.weight", 0)] == [2, 3]
+    assert slice_map(grp, [1])[("c2.weight", 0)] == [3, 4, 5]
+    assert slice_map(grp, [1])[("c3.weight", 1)] == [3, 4, 5]
+    per = [g for g in gs if g is not grp][0]
+    assert per.size == 2
+    assert slice_map(per, [1])[("c1.weight", 0)] == [1, 3, 5, 7]
+    assert slice_map(per, [1])[("c2.weight", 1)] == [1]
+
+
+def test_depthwise_shares_producer_group():
+    _, _, graph = analyzed("depthwise")
+    g = group_of(graph, "pw1.weight", 0)
+    assert group_of(graph, "dw.weight", 0) is g
+    assert group_of(graph, "bn.weight", 0) is g
+    assert group_of(graph, "pw2.weight", 1) is g
+    assert g.prunable and g.exact and g.size == 8
+
+
+def test_depthwise_multiplier_index_math():
+    _, _, graph = analyzed("depthwise_multiplier")
+    g = group_of(graph, "pw1.weight", 0)
+    assert g.size == 6 and g.prunable
+    assert slice_map(g, [2])[("dw.weight", 0)] == [4, 5]
+    assert slice_map(g, [2])[("pw2.weight", 1)] == [4, 5]
+    mult = [h for h in groups_of(graph, "dw.weight", 0) if h is not g]
+    assert len(mult) == 1 and mult[0].size == 2
+    assert slice_map(mult[0], [1])[("dw.weight", 0)] == [1, 3, 5, 7, 9, 11]
+
+
+def test_conv_transpose_groups():
+    _, _, graph = analyzed("conv_transpose")
+    g = group_of(graph, "c1.weight", 0)
+    assert group_of(graph, "up1.weight", 0) is g and g.prunable
+    out1 = groups_of(graph, "up1.weight", 1)
+    assert sum(h.size for h in out1 if h.unit != "group") * \
+        max([h.size for h in out1 if h.unit == "group"] or [1]) == 6
+
+
+def test_embedding_rows_pinned_dim_prunable():
+    _, _, graph = analyzed("embedding_linear")
+    rows = group_of(graph, "emb.weight", 0)
+    assert not rows.prunable and "token" in rows.reason
+    d = group_of(graph, "emb.weight", 1)
+    assert d.prunable and d is group_of(graph, "fc1.weight", 1)
+
+
+def test_norm_groups():
+    _, _, graph = analyzed("norms")
+    assert group_of(graph, "bn.weight", 0) is group_of(graph, "c1.weight", 0)
+    gn = groups_of(graph, "gn.weight", 0)
+    assert {g.unit for g in gn} >= {"group"}
+    inner = [g for g in gn if g.unit != "group"]
+    assert inner and all(not g.exact for g in inner)
+    ln = group_of(graph, "ln.weight", 0)
+    assert not ln.exact and any("normalization" in r for r in ln.inexact_reasons)
+    assert group_of(graph, "inorm.weight", 0) is group_of(graph, "c3.weight", 0)
+
+
+@pytest.mark.xfail(reason=_INSTANCENORM_BUG, strict=True)
+def test_instancenorm_channels_prunable():
+    model, x, graph = analyzed("norms")
+    g = group_of(graph, "inorm.weight", 0)
+    assert g.prunable, g.reason
+    pk.prune(model, graph, {g.id: [0, 1]})
+    assert model.inorm.num_features == 4
+
+
+def test_layernorm2d_group_inexact_and_prunable():
+    model, x, graph = analyzed("layernorm2d")
+    g = group_of(graph, "norm.weight", 0)
+    assert g is group_of(graph, "c1.weight", 0) and g is group_of(graph, "c2.weight", 1)
+    assert g.prunable and not g.exact
+    pk.prune(model, graph, {g.id: [1, 5]})
+    assert tuple(model.norm.normalized_shape) == (6,)
+    assert model(x).shape == (2, 4, 8, 8)
+
+
+def test_prelu_per_channel_weight():
+    model, x, graph = analyzed("prelu")
+    g = group_of(graph, "act.weight", 0)
+    assert g is group_of(graph, "c1.weight", 0) and g.prunable
+    assert not groups_of(graph, "act2.weight")  # a single slope owns no channels
+    pk.prune(model, graph, {g.id: [0, 7]})
+    assert model.act.weight.shape == (6,) and model.act.num_parameters == 6
+
+
+def test_pool_upsample_single_group():
+    _, _, graph = analyzed("pool_upsample")
+    g = group_of(graph, "c1.weight", 0)
+    assert g is group_of(graph, "c2.weight", 0) and g is group_of(graph, "c3.weight", 1)
+    assert g.prunable and g.exact
+
+
+def test_squeeze_excite_groups():
+    _, _, graph = analyzed("squeeze_excite")
+    g = group_of(graph, "c1.weight", 0)
+    assert g is group_of(graph, "fc1.weight", 1) and g is group_of(graph, "fc2.weight", 0)
+    assert g is group_of(graph, "c2.weight", 1) and g.prunable
+    se = group_of(graph, "fc1.weight", 0)
+    assert se is group_of(graph, "fc2.weight", 1) and se.prunable
+
+
+def test_matmul_attention_heads():
+    model, x, graph = analyzed("matmul_attention")
+    gs = groups_of(graph, "attn.qkv.weight", 0)
+    heads = [g for g in gs if g.unit == "head"]
+    hdim = [g for g in gs if g.unit == "head_dim" and g.size == 4]
+    assert len(heads) == 1 and heads[0].size == 3 and heads[0].prunable
+    assert len(hdim) == 1 and hdim[0].size == 4 and hdim[0].prunable
+    assert slice_map(heads[0], [1])[("attn.qkv.weight", 0)] == [4, 5, 6, 7, 16, 17, 18, 19, 28, 29, 30, 31]
+    assert slice_map(heads[0], [1])[("attn.proj.weight", 1)] == [4, 5, 6, 7]
+    assert slice_map(hdim[0], [0])[("attn.qkv.weight", 0)] == [0, 4, 8, 12, 16, 20, 24, 28, 32]
+    # qkv's leading 3 is pinned (it is selected by index)
+    three = [g for g in gs if g.size == 3 and g.unit != "head"]
+    assert all(not g.prunable for g in three)
+    pk.prune(model, graph, {heads[0].id: [2], hdim[0].id: [0]})
+    assert model.attn.num_heads == 2 and model.attn.head_dim == 3
+    assert model(x).shape == (2, 4, 4)
+
+
+def test_sdpa_attention_heads():
+    _, _, graph = analyzed("sdpa_attention")
+    heads = [g for g in groups_of(graph, "attn.q.weight", 0) if g.unit == "head"]
+    assert len(heads) == 1 and heads[0].size == 2
+    h = heads[0]
+    for fqn in ("attn.k.weight", "attn.v.weight"):
+        assert h in groups_of(graph, fqn, 0)
+    assert slice_map(h, [1])[("attn.o.weight", 1)] == list(range(6, 12))
+    qk = [g for g in groups_of(graph, "attn.q.weight", 0) if g.unit == "head_dim"]
+    v = [g for g in groups_of(graph, "attn.v.weight", 0) if g.unit == "head_dim"]
+    assert len(qk) == 1 and len(v) == 1 and qk[0] is not v[0]
+    assert qk[0] in groups_of(graph, "attn.k.weight", 0)
+    assert qk[0].exact  # explicit scale: zeroing q/k channels is exact
+
+
+def test_torch_mha_groups_and_attributes():
+    model, x, graph = analyzed("torch_mha")
+    gs = groups_of(graph, "mha.in_proj_weight", 0)
+    heads = [g for g in gs if g.unit == "head"]
+    assert len(heads) == 1 and heads[0].size == 2 and heads[0].prunable
+    pk.prune(model, graph, {heads[0].id: [1]})
+    m = model.mha
+    assert m.num_heads == 1 and m.embed_dim == 4 and m.head_dim == 4
+    assert m.in_proj_weight.shape == (12, 4)
+    assert model(x).shape == (2, 4, 4)
+
+
+def test_free_params_in_one_group():
+    _, _, graph = analyzed("free_params")
+    g = group_of(graph, "patch.weight", 0)
+    for fqn, d in (("cls_token", 2), ("pos_embed", 2), ("gamma", 0), ("fc1.weight", 1), ("fc2.weight", 0),
+                   ("head.weight", 1)):
+        assert group_of(graph, fqn, d) is g, fqn
+    assert g.prunable and g.exact
+    assert not groups_of(graph, "pos_embed", 1) or not group_of(graph, "pos_embed", 1).prunable
+
+
+def test_shared_linear_ties_in_and_out():
+    _, _, graph = analyzed("shared_linear")
+    g = group_of(graph, "inp.weight", 0)
+    assert g is group_of(graph, "shared.weight", 0) is group_of(graph, "shared.weight", 1)
+    assert g is group_of(graph, "out.weight", 1) and g.prunable
+
+
+def test_tied_embedding_stays_tied():
+    model, x, graph = analyzed("tied_embedding")
+    g = group_of(graph, "emb.weight", 1)
+    assert g.prunable and g is group_of(graph, "fc1.weight", 1) and g is group_of(graph, "fc2.weight", 0)
+    vocab = group_of(graph, "emb.weight", 0)
+    assert not vocab.prunable
+    pk.prune(model, graph, {g.id: [0, 3, 5]})
+    assert model.lm_head.weight is model.emb.weight
+    assert model.emb.weight.shape == (16, 5) and model.emb.embedding_dim == 5
+    assert model(x).shape == (2, 5, 16)
+
+
+def test_multi_input_groups():
+    _, _, graph = analyzed("two_inputs")
+    g = group_of(graph, "img.weight", 0)
+    assert g is group_of(graph, "aux.weight", 0) and g is group_of(graph, "mix.weight", 1) and g.prunable
+    assert not group_of(graph, "aux.weight", 1).prunable  # input features
+    _, _, graph = analyzed("kwargs_input")
+    g = group_of(graph, "enc.weight", 0)
+    assert g is group_of(graph, "gate.weight", 0) and g is group_of(graph, "out.weight", 1) and g.prunable
+
+
+def test_multi_output_reasons():
+    _, _, graph = analyzed("tuple_output")
+    assert "model output [0]" in group_of(graph, "cls.weight", 0).reason
+    assert "model output [1]" in group_of(graph, "seg.weight", 0).reason
+    assert group_of(graph, "body.weight", 0).prunable
+    _, _, graph = analyzed("dict_output")
+    assert "model output ['logits']" in group_of(graph, "logits.weight", 0).reason
+    b = group_of(graph, "b.weight", 0)
+    assert b.prunable and b.exact  # summed over channels: zeroed channels add nothing
+
+
+def test_inplace_ops_groups():
+    _, _, graph = analyzed("inplace_ops")
+    g = group_of(graph, "c1.weight", 0)
+    assert g is group_of(graph, "c2.weight", 0) and g is group_of(graph, "w", 1)
+    assert g is group_of(graph, "c3.weight", 1) and g.prunable and g.exact
+
+
+def test_nested_containers_names():
+    _, _, graph = analyzed("nested_containers")
+    g = group_of(graph, "body.1.1.weight", 0)
+    assert g is group_of(graph, "body.2.norm.weight", 0) and g is group_of(graph, "body.2.proj.0.weight", 1)
+    assert "body.2.norm" in g.modules and g.prunable
+
+
+@pytest.mark.parametrize("name,op", [("unknown_sort", "sort"), ("unknown_gather", "gather"),
+                                     ("unknown_fft", "fft"), ("unknown_elementwise", "lgamma")])
+def test_unknown_ops_are_pinned(name, op):
+    model, x, graph = analyzed(name)
+    g = group_of(graph, "c1.weight", 0)
+    assert not g.prunable
+    assert op in g.reason or any(op in k for k in graph.unsupported_ops)
+    c2_in = group_of(graph, "c2.weight", 1)
+    assert not c2_in.prunable
+    with pytest.raises(pk.PruningError):
+        pk.prune(model, graph, {g.id: [0]})
+
+
+def test_unsupported_op_reported():
+    _, _, graph = analyzed("unknown_elementwise")
+    assert "aten.lgamma.default" in graph.unsupported_ops
+    assert "lgamma" in graph.summary()
+    # the layers after the unknown op are still prunable
+    assert group_of(graph, "c2.weight", 0).prunable
+
+
+_UNIT_BUG = ("core bug: every nn.Linear group is labelled unit='head_dim'. The mm rule decides "
+             "'activation x activation (attention)' with `not (A.is_param(a) or A.is_param(b))`, but "
+             "Linear's weight arrives through aten.t, so plain Linear layers get head/head_dim tags")
+
+
+def test_plain_mlp_units_are_channels():
+    _, _, graph = analyzed("mlp")
+    assert {g.unit for g in graph.groups} == {"channel"}
