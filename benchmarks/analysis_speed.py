@@ -22,8 +22,8 @@ extra run under ``tracemalloc``.  Memory is reported two ways:
   Python-heavy code, so that run is not timed.
 
 Torch-Pruning: ``tp.DependencyGraph().build_dependency(model, example_inputs=x)`` on the same
-model object, same protocol.  It needs real tensors, so on meta-built models it is attempted once
-and recorded as "n/a" with its error.  Speed-up = TP median / prunekit median (same case).
+model object, same protocol; on meta-built models it is given the inputs moved to meta (it fails
+with CPU inputs there) and recorded as "n/a" with its error if it still fails.  Speed-up = TP median / prunekit median (same case).
 
 Hugging Face Llama: the default SDPA attention path and the packed-sequence check in
 ``transformers.masking_utils`` call ``.item()`` on data, which a meta-device capture cannot do; the
@@ -38,6 +38,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime as _dt
 import json
 import os
@@ -198,8 +199,9 @@ def run_case(name: str, device: str, repeats: int, trace: bool, do_tp: bool) -> 
         try:
             g = pk.analyze(model, x)
             n_p = len(g.prunable_groups)
+            reasons = collections.Counter(gr.reason.split(":")[0] for gr in g.groups if gr.reason)
             res["plain_attempt"] = f"analysed, {n_p} prunable groups" + (
-                "" if n_p else "; e.g. " + next((gr.reason for gr in g.groups if gr.reason), "")[:300])
+                "" if n_p else "; most common pin reason: " + (reasons.most_common(1)[0][0][:200] if reasons else "?"))
             del g
             use_eager = n_p == 0
         except Exception as e:
@@ -215,7 +217,7 @@ def run_case(name: str, device: str, repeats: int, trace: bool, do_tp: bool) -> 
     def pk_fn():
         g = pk.analyze(model, x)
         graph_info.update(groups=len(g.groups), prunable=len(g.prunable_groups), ops=len(g.tape.ops),
-                          prunable_proportion=round(g.prunable_proportion, 4), internal_s=round(g.analysis_seconds, 4))
+                          prunable_proportion=round(g.prunable_proportion, 4))
         return g
 
     try:
@@ -227,23 +229,20 @@ def run_case(name: str, device: str, repeats: int, trace: bool, do_tp: bool) -> 
     if do_tp:
         import torch_pruning as tp
 
-        def tp_fn():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=x)
-
+        # on meta-built models TP gets meta inputs (it needs inputs on the model's device)
         if device == "meta":
-            try:  # give TP meta inputs too, so only the model's own limits show
-                from torch.utils._pytree import tree_map
-                xm = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, x)
-                t0 = time.perf_counter()
-                tp.DependencyGraph().build_dependency(model, example_inputs=xm)
-                res["tp"] = {"first_s": round(time.perf_counter() - t0, 4), "note": "ran on meta"}
-            except Exception as e:
-                res["tp"] = {"error": "n/a on meta: " + _short(e, 300)}
+            from torch.utils._pytree import tree_map
+            xt = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, x)
         else:
-            try:
-                res["tp"] = measure(tp_fn, repeats, trace)
-            except Exception as e:
-                res["tp"] = {"error": _short(e, 600)}
+            xt = x
+
+        def tp_fn():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=xt)
+
+        try:
+            res["tp"] = measure(tp_fn, repeats, trace)
+        except Exception as e:
+            res["tp"] = {"error": ("n/a: " if device == "meta" else "") + _short(e, 600)}
         pkm, tpm = res["pk"].get("median_s"), res["tp"].get("median_s")
         if pkm and tpm:
             res["speedup_tp_over_pk"] = round(tpm / pkm, 2)
@@ -267,7 +266,8 @@ def write_outputs(results: list[dict], meta: dict, out_json: Path, out_md: Path)
              f"torch-pruning {meta.get('torch_pruning')}. Command: `{meta['command']}`.", "",
              f"Times: median of {meta['repeats']} runs after one cold run (`first`), wall clock of "
              "`pk.analyze(model, x)` (default `device=\"auto\"`) and of Torch-Pruning's "
-             "`tp.DependencyGraph().build_dependency(model, example_inputs=x)` on the same model object. "
+             "`tp.DependencyGraph().build_dependency(model, example_inputs=x)` on the same model object "
+             "(meta-built models: TP gets the inputs moved to meta; prunekit gets CPU inputs). "
              "Memory: `peak RSS Δ` = peak process RSS during the cold run (sampled every 2 ms) minus RSS just "
              "before it (includes tensor storage); `tracemalloc peak` = peak Python-heap allocation in one "
              "extra run under tracemalloc (does not see torch tensor storage). Weights: `cpu` = real, randomly "
@@ -303,8 +303,8 @@ def write_outputs(results: list[dict], meta: dict, out_json: Path, out_md: Path)
                       f"{ok} the < 30 s target.**"]
     sp = [r["speedup_tp_over_pk"] for r in results if r.get("speedup_tp_over_pk")]
     if sp:
-        lines += ["", f"Speed-up over Torch-Pruning (TP / prunekit, real-weight cases): "
-                      + ", ".join(f"{r['case']} {r['speedup_tp_over_pk']}x" for r in results
+        lines += ["", f"Speed-up over Torch-Pruning (TP time / prunekit time; < 1 means Torch-Pruning is faster): "
+                      + ", ".join(f"{r['case']} ({r['device']}) {r['speedup_tp_over_pk']}x" for r in results
                                   if r.get("speedup_tp_over_pk"))
                       + f"; median {statistics.median(sp)}x."]
     out_md.write_text("\n".join(lines) + "\n")

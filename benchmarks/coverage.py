@@ -81,6 +81,23 @@ def _short(e: BaseException, limit: int = 1500) -> str:
     return msg if len(msg) <= limit else msg[:limit] + " ..."
 
 
+def _traceback(limit: int = 5000) -> str:
+    """The current exception's traceback without torch-internal frames (they are mostly noise)."""
+    out, skip = [], False
+    for line in traceback.format_exc().splitlines():
+        if line.startswith('  File "'):
+            skip = "/site-packages/torch/" in line
+            if skip:
+                continue
+        elif skip and line.startswith("    "):
+            continue
+        else:
+            skip = False
+        out.append(line)
+    text = "\n".join(out)
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
 def _meta_info(name: str):
     """(param count, input size) from a meta-device build (no weight memory)."""
     import timm
@@ -206,7 +223,7 @@ def run_prunekit(name: str, seed: int, max_params: int, state: dict) -> dict:
         return res
     except Exception as e:
         res["status"] = f"error: [{stage}] {_short(e)}"
-        res["traceback"] = traceback.format_exc()[-3000:]
+        res["traceback"] = _traceback()
         return res
 
 
@@ -537,6 +554,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads per worker (0 = torch default with --jobs 1, else 1)")
     ap.add_argument("--out", default=str(RESULTS / "coverage"), help="output path without extension")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the results already in the output JSON and run only the missing models")
     args = ap.parse_args(argv)
 
     import timm
@@ -565,11 +584,24 @@ def main(argv=None):
     threads = args.threads or (0 if args.jobs == 1 else 1)
     meta["jobs"], meta["threads_per_worker"] = args.jobs, threads or torch.get_num_threads()
     slots: list = [None] * len(names)
+    prev_total = 0.0
+    if args.resume and out_json.exists():
+        old = json.loads(out_json.read_text())
+        have = {r["model"]: r for r in old.get("results", [])}
+        for i, name in enumerate(names):
+            slots[i] = have.get(name)
+        prev_total = old.get("meta", {}).get("total_s") or old.get("meta", {}).get("elapsed_s") or 0.0
+        meta["resumed_from"] = old.get("meta", {}).get("command")
+        meta["previous_run"] = old.get("meta")
+        meta["resumed_models"] = sum(1 for x in slots if x is not None)
+        print(f"resuming: {meta['resumed_models']} results kept", flush=True)
     todo = queue.Queue()
     for i, name in enumerate(names):
-        todo.put((i, name))
+        if slots[i] is None:
+            todo.put((i, name))
     lock = threading.Lock()
     done = [0]
+    n_todo = todo.qsize()
     t_start = time.perf_counter()
 
     def drive():
@@ -585,8 +617,9 @@ def main(argv=None):
                 with lock:
                     slots[i] = r
                     done[0] += 1
+                    meta["elapsed_s"] = round(prev_total + time.perf_counter() - t_start, 1)
                     extra = f" | TP {r.get('tp_status', '')[:80]}" if args.torch_pruning else ""
-                    print(f"[{done[0]}/{len(names)}] {name:40s} {r.get('analysis_s', '-')!s:>8}s  "
+                    print(f"[{done[0]}/{n_todo}] {name:40s} {r.get('analysis_s', '-')!s:>8}s  "
                           f"{r.get('prunable', '-')!s:>4}/{r.get('groups', '-')!s:<4} {r['status'][:120]}{extra}",
                           flush=True)
                     write_outputs([x for x in slots if x is not None], meta, args.torch_pruning, out_json, out_md)
@@ -602,7 +635,7 @@ def main(argv=None):
         while d.is_alive():
             d.join(1.0)
     results = [x for x in slots if x is not None]
-    meta["total_s"] = round(time.perf_counter() - t_start, 1)
+    meta["total_s"] = round(prev_total + time.perf_counter() - t_start, 1)
     summ = write_outputs(results, meta, args.torch_pruning, out_json, out_md)
     print(summary_line(summ), flush=True)
     print(f"total {meta['total_s']} s", flush=True)

@@ -285,11 +285,17 @@ def _capture_once(model: nn.Module, example_inputs: Any, forward_fn: Callable | 
                 s = t.detach()
             state[name] = s
             rec._new(s, kind, name)
-    # functional_call needs every alias name bound to the same tensor
-    call_state = dict(state)
-    for src, names in tape.param_aliases.items():
-        for n in names:
-            call_state[n] = state[src]
+    # bind every alias name to the same tensor, but each (module, attribute) slot only once: a module
+    # registered under two names would otherwise be restored with the swapped-in tensor
+    call_state = {}
+    slots: set[tuple[int, str]] = set()
+    for src in state:
+        for n in [src] + tape.param_aliases.get(src, []):
+            mod_name, _, attr = n.rpartition(".")
+            key = (id(model.get_submodule(mod_name) if mod_name else model), attr)
+            if key not in slots:
+                slots.add(key)
+                call_state[n] = state[src]
 
     def conv_in(x):
         if isinstance(x, torch.Tensor):
