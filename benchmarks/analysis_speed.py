@@ -54,6 +54,8 @@ import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _bench_common import git_state as _git_state  # noqa: E402
 RESULTS = HERE / "results"
 
 LLAMA_CFGS = {
@@ -308,17 +310,6 @@ def write_outputs(results: list[dict], meta: dict, out_json: Path, out_md: Path)
                                   if r.get("speedup_tp_over_pk"))
                       + f"; median {statistics.median(sp)}x."]
     out_md.write_text("\n".join(lines) + "\n")
-
-
-def _git_state() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=HERE.parent,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return head + (" (src/ has uncommitted changes)" if dirty else "")
-    except Exception:
-        return "?"
 
 
 def main(argv=None):

@@ -54,6 +54,8 @@ import zlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _bench_common import git_state as _git_state  # noqa: E402
 RESULTS = HERE / "results"
 MAX_SIDE = 224
 
@@ -527,17 +529,6 @@ def write_outputs(results, meta, do_tp, out_json: Path, out_md: Path) -> dict:
         lines.append("| " + " | ".join(row) + " |")
     out_md.write_text("\n".join(lines) + "\n")
     return summ
-
-
-def _git_state() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=HERE.parent,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return head + (" (src/ has uncommitted changes)" if dirty else "")
-    except Exception:
-        return "?"
 
 
 def main(argv=None):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import prunekit as pk
+from prunekit.capture import flatten_outputs
 
 try:
     from .tricky_models import TRICKY, MatmulAttention, SDPAAttention
@@ -36,20 +37,9 @@ def call(model, inputs):
 
 
 def flat(out):
-    """Flatten a model output into [(path, tensor)]."""
-    res = []
-
-    def rec(x, path):
-        if isinstance(x, torch.Tensor):
-            res.append((path, x))
-        elif isinstance(x, dict):
-            for k, v in x.items():
-                rec(v, f"{path}[{k!r}]")
-        elif isinstance(x, (tuple, list)):
-            for i, v in enumerate(x):
-                rec(v, f"{path}[{i}]")
-    rec(out, "")
-    return res
+    """Flatten a model output into [(path, tensor)] (the library's own output flattening)."""
+    tensors, paths = flatten_outputs(out)
+    return list(zip(paths, tensors))
 
 
 def shapes(out):
