@@ -258,8 +258,39 @@ def prune(model: nn.Module, graph, plan: Plan, *, verify: bool = True, rtol: flo
     except Exception as e:
         undo.rollback()
         raise PruningError(f"pruning failed and the model was restored: {type(e).__name__}: {e}") from e
+    _append_record(model, graph, norm, undo)
     graph.stale = True
     return model
+
+
+# ---------------------------------------------------------------- pruning record
+RECORD_ATTR = "_prunekit_record"
+
+
+def _append_record(model: nn.Module, graph, plan: dict[int, torch.Tensor], undo: _Undo) -> None:
+    """Remember what :func:`prune` removed, so the pruned architecture can be rebuilt from the original code.
+
+    One step per ``pk.prune`` call: removed indices per parameter/buffer (with its shape before) in that
+    step's coordinates, and the new values of every module attribute that changed.
+    """
+    drops = param_drops(graph, plan)
+    shapes = {nd.name: list(nd.shape) for nd in graph.tape.nodes if nd.kind in ("param", "buffer")}
+    params = {}
+    for fqn, dims in drops.items():
+        for name in [fqn] + _aliases(graph).get(fqn, []):
+            params[name] = {"shape": shapes.get(fqn), "remove": {int(d): idx.tolist() for d, idx in dims.items()}}
+    attrs = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    for kind, mod, attr, _old in undo.items:
+        if kind == "a" and id(mod) in names:
+            val = getattr(mod, attr)
+            attrs[f"{names[id(mod)]}.{attr}" if names[id(mod)] else attr] = list(val) if isinstance(val, tuple) else val
+    step = {"groups": {int(g): u.tolist() for g, u in plan.items()}, "params": params, "attrs": attrs}
+    rec = getattr(model, RECORD_ATTR, None)
+    if rec is None:
+        rec = []
+        object.__setattr__(model, RECORD_ATTR, rec)
+    rec.append(step)
 
 
 # ---------------------------------------------------------------- soft pruning
@@ -310,3 +341,67 @@ def unmask(model: nn.Module) -> nn.Module:
     if hasattr(model, _MASKS):
         object.__delattr__(model, _MASKS)
     return model
+
+
+def _step_tensors(step: Mapping) -> dict[str, dict[int, torch.Tensor]]:
+    return {fqn: {int(d): torch.as_tensor(idx, dtype=torch.long) for d, idx in info["remove"].items()}
+            for fqn, info in step["params"].items()}
+
+
+def replay_record(model: nn.Module, record: list[Mapping]) -> nn.Module:
+    """Apply a pruning record (``model._prunekit_record``, or the one saved by ``pk.save``) to a freshly
+    built original model: slice every recorded parameter/buffer and set every recorded attribute.
+
+    The model is checked against each step's recorded shapes first; on any mismatch nothing is changed and
+    :class:`PruningError` names the tensor (usually: the record belongs to another model or config).
+    """
+    undo = _Undo()
+    try:
+        for k, step in enumerate(record):
+            replaced: dict[int, torch.Tensor] = {}
+            for fqn, dims in _step_tensors(step).items():
+                try:
+                    mod, attr = _get(model, fqn)
+                    old = getattr(mod, attr)
+                except AttributeError:
+                    raise PruningError(f"pruning record step {k}: the model has no parameter/buffer {fqn!r}; "
+                                       "the record was made for a different model") from None
+                want = step["params"][fqn].get("shape")
+                if id(old) not in replaced and want is not None and list(old.shape) != list(want):
+                    raise PruningError(f"pruning record step {k}: {fqn} has shape {tuple(old.shape)} but the record "
+                                       f"expects {tuple(want)}; the record was made for a different model or config")
+                if id(old) not in replaced:
+                    new = slice_tensor(old, dims, "remove")
+                    if isinstance(old, nn.Parameter):
+                        new = nn.Parameter(new, requires_grad=old.requires_grad)
+                    replaced[id(old)] = new
+                undo.set_tensor(mod, attr, replaced[id(old)])
+            for key, val in step.get("attrs", {}).items():
+                mod_name, _, attr = key.rpartition(".")
+                try:
+                    mod = model.get_submodule(mod_name) if mod_name else model
+                except AttributeError:
+                    raise PruningError(f"pruning record step {k}: the model has no module {mod_name!r}; "
+                                       "the record was made for a different model") from None
+                cur = getattr(mod, attr, None)
+                undo.set_attr(mod, attr, tuple(val) if isinstance(cur, tuple) and isinstance(val, list) else val)
+    except BaseException:
+        undo.rollback()
+        raise
+    rec = getattr(model, RECORD_ATTR, None)
+    if rec is None:
+        rec = []
+        object.__setattr__(model, RECORD_ATTR, rec)
+    rec.extend(record)
+    return model
+
+
+def slice_state_dict(state: Mapping[str, torch.Tensor], record: list[Mapping]) -> dict[str, torch.Tensor]:
+    """Slice a state dict of the original model (e.g. initial weights for lottery-ticket rewinding) the way
+    ``record`` pruned the model; keys the record does not mention are returned unchanged."""
+    out = dict(state)
+    for step in record:
+        for fqn, dims in _step_tensors(step).items():
+            if fqn in out:
+                out[fqn] = slice_tensor(out[fqn], dims, "remove")
+    return out
