@@ -5,6 +5,7 @@
 """
 from .capture import CaptureError
 from .graph import PruneGraph, analyze
+from .metrics import LatencyResult, Stats, count, latency
 from .spaces import Group
 from .surgery import PruningError, VerificationError, apply_masks, mask, prune, unmask
 
@@ -12,3 +13,4 @@ __version__ = "0.1.0"
 
 __all__ = ["CaptureError", "Group", "PruneGraph", "PruningError", "VerificationError", "analyze", "apply_masks",
            "mask", "prune", "unmask", "__version__"]
+__all__ += ["LatencyResult", "Stats", "count", "latency"]

@@ -135,6 +135,80 @@ class PruneGraph:
         """FLOPs (= 2 x MACs, the ``torch.utils.flop_counter`` convention)."""
         return 2 * self.macs(plan)
 
+    # ------------------------------------------------------------------ MACs / params as functions of kept units
+    def macs_kept(self, kept: Mapping[int, Any] | None = None):
+        """MACs of one forward as a function of how many units each group KEEPS.
+
+        ``kept`` maps group id -> number of units kept: an int (exact: equals
+        ``self.macs({gid: group.size - kept})``), a float, or a 0-dim ``torch.Tensor`` (the result
+        is then a tensor and differentiable with respect to it -- the FLOPs loss of learned
+        pruning).  Groups not in ``kept`` keep all their units.  MACs are a polynomial in the kept
+        counts, built once from the FLOPs table and cached, so a call costs microseconds.
+        """
+        poly = self.__dict__.get("_macs_poly")
+        if poly is None:
+            poly = self._compile_kept(self._macs_polynomial())
+            self._macs_poly = poly
+        return poly(self._check_kept(kept))
+
+    def flops_kept(self, kept: Mapping[int, Any] | None = None):
+        """FLOPs (= 2 x :meth:`macs_kept`) as a function of the kept units per group."""
+        return 2 * self.macs_kept(kept)
+
+    def params_kept(self, kept: Mapping[int, Any] | None = None):
+        """Parameter count (tied parameters once) as a function of the kept units per group.
+
+        Same ``kept`` convention as :meth:`macs_kept`; each parameter's numel is the product of its
+        dims' kept sizes.
+        """
+        poly = self.__dict__.get("_params_poly")
+        if poly is None:
+            total = 0
+            for nd in self.tape.nodes:
+                if nd.kind == "param":
+                    total = total + math.prod((self._dim_poly(nd.id, d) for d in range(len(nd.shape))), start=1)
+            poly = self._compile_kept(total)
+            self._params_poly = poly
+        return poly(self._check_kept(kept))
+
+    def _macs_polynomial(self):
+        from .metrics.flops import MACS
+        shape = lambda r: self.tape.nodes[r.id].shape  # noqa: E731
+        size = lambda r, d: self._dim_poly(r.id, d)  # noqa: E731
+        total = 0
+        for op in self.tape.ops:
+            fn = MACS.get(op.packet)
+            if fn is not None:
+                total = total + fn(op, size, shape)
+        return total
+
+    def _dim_poly(self, nid: int, d: int):
+        """A dim's size as a polynomial in the kept units of groups (an int where no group reaches it)."""
+        from .metrics.flops import Poly
+        lays = self.analyzer.layouts[nid]
+        lay = lays[d] if lays is not None else None
+        if lay is None:
+            return self.tape.nodes[nid].shape[d]
+
+        def leaf(s):
+            g = self._leaf_to_group.get(s.id)
+            return Poly.var(g.id) if g is not None else s.size
+        return C.kept_size(lay, leaf_size=leaf)
+
+    def _compile_kept(self, poly):
+        from .metrics.flops import CompiledPoly
+        return CompiledPoly(poly, {g.id: g.size for g in self.groups})
+
+    def _check_kept(self, kept: Mapping[int, Any] | None) -> Mapping[int, Any]:
+        if not kept:
+            return {}
+        for gid, k in kept.items():
+            g = self.group(gid)
+            if isinstance(k, (int, float)) and not 0 <= k <= g.size:
+                raise ValueError(f"group {gid} has {g.size} units, cannot keep {k}: "
+                                 f"pass a number of kept units between 0 and {g.size}")
+        return kept
+
     @property
     def prunable_proportion(self) -> float:
         """Fraction of FLOPs that pruning can remove: every prunable group down to one unit."""

@@ -1,3 +1,5 @@
+from .count import ModuleStats, Stats, count
 from .flops import MACS, op_macs
+from .latency import LatencyResult, LatencyStats, latency
 
-__all__ = ["MACS", "op_macs"]
+__all__ = ["MACS", "LatencyResult", "LatencyStats", "ModuleStats", "Stats", "count", "latency", "op_macs"]

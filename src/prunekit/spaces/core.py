@@ -354,11 +354,19 @@ def slice_layout(l: Layout, start: int, stop: int) -> Layout:
     return tuple(res)
 
 
-def kept_size(l: Layout | None, drops: dict[int, int]) -> int:
-    """Size of a dim after removing ``drops[leaf.id]`` units from each leaf."""
+def kept_size(l: Layout | None, drops: dict[int, int] | None = None, leaf_size=None):
+    """Size of a dim after removing ``drops[leaf.id]`` units from each leaf.
+
+    A layout's size is a sum over its terms (concatenation) of products of leaf sizes.  With
+    ``leaf_size(space)`` the leaf sizes come from that callable instead (any values that add and
+    multiply: floats, tensors, symbolic polynomials -- how FLOPs become a function of kept units).
+    """
     if l is None:
         return 1
+    if leaf_size is None:
+        drops = drops or {}
+        leaf_size = lambda s: s.size - drops.get(s.id, 0)  # noqa: E731
     total = 0
     for t in expand(l):
-        total += math.prod(s.size - drops.get(s.id, 0) for s in t)
+        total += math.prod(leaf_size(s) for s in t)
     return total
