@@ -5,6 +5,7 @@
 """
 from .capture import CaptureError
 from .graph import PruneGraph, analyze
+from .io import CheckpointError, ExportError, export, load, load_state_dict_pruned, save
 from .metrics import LatencyResult, Stats, count, latency
 from .spaces import Group
 from .surgery import PruningError, VerificationError, apply_masks, mask, prune, unmask
@@ -14,3 +15,4 @@ __version__ = "0.1.0"
 __all__ = ["CaptureError", "Group", "PruneGraph", "PruningError", "VerificationError", "analyze", "apply_masks",
            "mask", "prune", "unmask", "__version__"]
 __all__ += ["LatencyResult", "Stats", "count", "latency"]
+__all__ += ["CheckpointError", "ExportError", "export", "load", "load_state_dict_pruned", "save"]
