@@ -749,9 +749,41 @@ def test_sdpa_attention_heads():
     assert slice_map(h, [1])[("attn.o.weight", 1)] == list(range(6, 12))
     qk = [g for g in groups_of(graph, "attn.q.weight", 0) if g.unit == "head_dim"]
     v = [g for g in groups_of(graph, "attn.v.weight", 0) if g.unit == "head_dim"]
-    assert len(qk) == 1 and len(v) == 1 and qk[0] is not v[0]
+    # one ``self.head_dim`` sizes the q, k and v views, so q/k and v head_dim are pruned as one group
+    assert len(qk) == 1 and len(v) == 1 and qk[0] is v[0]
     assert qk[0] in groups_of(graph, "attn.k.weight", 0)
     assert qk[0].exact  # explicit scale: zeroing q/k channels is exact
+
+
+def test_shared_head_dim_attribute_ties_q_and_v():
+    """q/k head_dim and v head_dim sized by one attribute must shrink together (and the attribute follows)."""
+    model, x, graph = analyzed("sdpa_attention")
+    hd = [g for g in groups_of(graph, "attn.v.weight", 0) if g.unit == "head_dim"][0]
+    assert hd.prunable and hd.size == 6
+    pk.prune(model, graph, {hd.id: [0, 4]})
+    assert model.attn.head_dim == 4 and model.attn.q.out_features == 8 and model.attn.v.out_features == 8
+    assert model(x).shape == (2, 4, 4)
+
+
+def test_rope_rotate_half_inside_heads_is_never_cut_wrong():
+    """Rotate-half RoPE splits head_dim inside the heads x head_dim product: head_dim is kept whole, whole heads
+    stay prunable and remove the right rows (a split inside a product interleaves per head)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=1, intermediate_size=96, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=50, use_cache=False, attn_implementation="eager")
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 50, (1, 12))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    graph = pk.analyze(model, x)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not any(g.prunable for g in groups_of(graph, q, 0) if g.unit != "head")
+    kv_heads = [g for g in groups_of(graph, q, 0) if g.unit == "head" and g.prunable]
+    assert len(kv_heads) == 1 and kv_heads[0].size == 2
+    # kv head 1 owns q heads 2 and 3 (repeat_kv order), i.e. q rows 32..63
+    assert slice_map(kv_heads[0], [1])[(q, 0)] == list(range(32, 64))
+    pk.prune(model, graph, {kv_heads[0].id: [0]})  # verified against the masked model
+    assert model.model.layers[0].self_attn.k_proj.out_features == 16
 
 
 def test_torch_mha_groups_and_attributes():

@@ -87,6 +87,55 @@ _SKIP = {"sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "_local_sc
          "_functional_assert_async", "resize_", "equal", "is_nonzero"}
 
 
+# ---- meta fast path: many meta kernels (batch/layer norm, addmm, gelu, softmax) are Python decompositions that
+# cost ~1 ms per call.  Output metadata of a functional op depends only on its inputs' metadata, so it is computed
+# once per signature and replayed with empty meta tensors afterwards.
+_META_CACHE: dict = {}
+_META_CACHE_MAX = 20000
+_CACHEABLE: dict = {}
+_LEAF_OK = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def _is_cacheable(func) -> bool:
+    ok = _CACHEABLE.get(func)
+    if ok is None:
+        sch = func._schema
+        ok = (not any(a.alias_info is not None for a in sch.arguments)
+              and all(r.alias_info is None and str(r.type) == "Tensor" for r in sch.returns)
+              and len(sch.returns) > 0 and not sch.is_mutable
+              and func.overloadpacket.__name__ not in ("nonzero", "unique", "masked_select", "item"))
+        _CACHEABLE[func] = ok
+    return ok
+
+
+def _meta_call(func, args, kwargs):
+    """``func(*args, **kwargs)``, replaying cached output metadata when every tensor input is on meta."""
+    if not _is_cacheable(func):
+        return func(*args, **kwargs)
+    flat, _ = tree_flatten((args, kwargs))
+    key = [func]
+    for a in flat:
+        if isinstance(a, torch.Tensor):
+            if a.device.type != "meta":
+                return func(*args, **kwargs)
+            key.append((tuple(a.shape), a.stride(), a.dtype))
+        elif isinstance(a, _LEAF_OK):
+            key.append((type(a), a))
+        else:
+            return func(*args, **kwargs)
+    key = tuple(key)
+    hit = _META_CACHE.get(key)
+    if hit is not None:
+        metas, spec = hit
+        from torch.utils._pytree import tree_unflatten
+        return tree_unflatten([torch.empty_strided(sh, st, dtype=dt, device="meta") for sh, st, dt in metas], spec)
+    out = func(*args, **kwargs)
+    oflat, spec = tree_flatten(out)
+    if all(isinstance(o, torch.Tensor) for o in oflat) and len(_META_CACHE) < _META_CACHE_MAX:
+        _META_CACHE[key] = ([(tuple(o.shape), o.stride(), o.dtype) for o in oflat], spec)
+    return out
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self, tape: Tape, ids: WeakIdKeyDictionary, stack: list[str], keep: list):
         super().__init__()
@@ -112,7 +161,7 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = _meta_call(func, args, kwargs)
         packet = func.overloadpacket.__name__
         if packet in _SKIP:
             return out

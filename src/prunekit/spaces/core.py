@@ -65,6 +65,8 @@ def _children(s: Space, kind: str, sizes: Sequence[int]) -> list[Space]:
         c.pins = list(s.pins)
         c.mix = list(s.mix)
         c.tags = set(s.tags)
+        if kind == "prod":
+            c.tags.add("factor")  # a factor of a reshaped dim (e.g. heads or head_dim)
         kids.append(c)
     s.decomp = (kind, kids)
     return kids
@@ -85,19 +87,36 @@ def expand_space(s: Space) -> list[Term]:
     kind, parts = r.decomp
     if kind == "cat":
         return [t for p in parts for t in expand_space(p)]
+    return _expand_prod(parts)
+
+
+# Spaces met as a split factor *inside* a product (see _expand_prod); the analyzer pins their leaves.
+INTERLEAVED: set = set()
+
+
+def _expand_prod(factors: Sequence[Space]) -> list[Term]:
+    """Row-major product of factors as a concatenation of product terms.
+
+    ``A x cat(B, C)`` is *not* ``cat(A x B, A x C)`` when ``|A| > 1`` (row-major interleaves B and C
+    blocks per element of A), so a split factor after a leading factor of size > 1 is kept whole
+    (opaque); its parts cannot be cut consistently and are pinned by the analyzer.  A split of the
+    leading factor is exact: ``cat(B, C) x A = cat(B x A, C x A)``.
+    """
     res: list[Term] = [()]
-    for f in parts:
+    prefix = 1
+    for f in factors:
         ef = expand_space(f)
+        if len(ef) > 1 and prefix > 1:
+            r = find(f)
+            INTERLEAVED.add(r)
+            ef = [(r,)]
         res = [a + b for a in res for b in ef]
+        prefix *= find(f).size
     return res
 
 
 def expand_term(t: Term) -> list[Term]:
-    res: list[Term] = [()]
-    for s in t:
-        es = expand_space(s)
-        res = [a + b for a in res for b in es]
-    return res
+    return _expand_prod(t)
 
 
 def expand(l: Layout) -> list[Term]:
@@ -276,6 +295,12 @@ def merge(layouts: Sequence[Layout]) -> Layout:
     """Row-major merge of several dims into one (flatten): distributes over concatenations."""
     res: list[Term] = [()]
     for l in layouts:
+        if len(l) > 1 and sum(term_size(a) for a in res) > 1:
+            # flattening (A, cat(B, C)) interleaves B and C per element of A: keep the dim as one space
+            # tied to its parts (expanded opaquely, see _expand_prod)
+            w = Space(layout_size(l))
+            tie(((w,),), l, "flatten")
+            l = ((w,),)
         res = [a + b for a in res for b in l]
     return tuple(res)
 

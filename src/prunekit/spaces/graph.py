@@ -216,10 +216,10 @@ class Analyzer:
             ex = C.expand(lay)
             if len(ex) == 1 and len(ex[0]) > 1:
                 cands += [(s.size, ((s,),)) for s in ex[0]]
-            for value, l in cands:
+            for j, (value, l) in enumerate(cands):
                 for k, v in ints.items():
                     if v == value:
-                        self.reshape_cands.setdefault((op.module, k), []).append(l)
+                        self.reshape_cands.setdefault((op.module, k), []).append((op.index, l, j == 0))
 
     def pin_node(self, ref, reason: str) -> None:
         nid = self._nid(ref)
@@ -264,11 +264,53 @@ class Analyzer:
         self.op = None
 
     def finish(self) -> None:
-        """Resolve reshape-size attribute candidates: bind each attribute to a layout with free channels."""
+        """Pin split factors inside products; resolve reshape-size attribute candidates."""
+        self._pin_interleaved()
         for (mod, attr), cands in self.reshape_cands.items():
-            free = [l for l in cands if any(s.size > 1 and not s.pins for s in C.leaves(l))]
-            if free and (mod, attr) not in self.bindings:
-                self.bind(mod, attr, free[0])
+            free = [(i, l, w) for i, l, w in cands if any(s.size > 1 and not s.pins for s in C.leaves(l))]
+            if not free:
+                continue
+            # one attribute sizes several reshapes as a whole dim (e.g. ``head_dim`` for q, k and v): the sizes it
+            # fixes must stay equal, so those spaces are tied (pruned or pinned together) instead of diverging
+            same = [(i, l) for i, l, w in cands if w and not _data_dim(l)
+                    and all(p == _INTERLEAVED for s in C.leaves(l) for p in s.pins)]
+            if len({i for i, _ in same}) > 1:
+                for i, l in same[1:]:
+                    if l is not same[0][1]:
+                        C.tie(same[0][1], l, f"{mod}.{attr} sizes several reshapes")
+            if (mod, attr) not in self.bindings:
+                self.bind(mod, attr, free[0][1])
+        self._pin_interleaved()  # ties above may have split a factor inside a product
+
+    def _pin_interleaved(self) -> None:
+        C.INTERLEAVED.clear()
+        for lays in self.layouts:
+            for l in lays or ():
+                if l:
+                    C.expand(l)
+        why = _INTERLEAVED
+        for r in list(C.INTERLEAVED):
+            for t in _parts_terms(r):
+                C.pin((t,), why)
+            if why not in r.pins:
+                r.pins.append(why)
+        C.INTERLEAVED.clear()
+
+
+_INTERLEAVED = "channels split inside a product (e.g. rotate-half RoPE inside heads x head_dim): interleaved layout"
+
+
+def _data_dim(l) -> bool:
+    if len(l) != 1 or len(l[0]) != 1:
+        return True  # a merged dim (e.g. batch x heads) is never tied by value
+    """Not a factor of a reshaped channel dim (or a batch/sequence-like dim): never tied by attribute value."""
+    return any("nonchannel" in s.tags or "factor" not in s.tags or any(p.startswith("model input") for p in s.pins)
+               for s in C.leaves(l))
+
+
+def _parts_terms(r) -> list:
+    kind, parts = r.decomp
+    return [t for p in parts for t in C.expand_space(p)]
 
 
 def node_layout(an: Analyzer, nid: int, d: int):
