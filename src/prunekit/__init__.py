@@ -9,6 +9,8 @@ from .io import CheckpointError, ExportError, export, load, load_state_dict_prun
 from .metrics import LatencyResult, Stats, count, latency
 from .spaces import Group
 from .surgery import PruningError, VerificationError, apply_masks, mask, prune, unmask
+from . import importance
+from .importance import Criterion, get_criterion
 
 __version__ = "0.1.0"
 
@@ -16,3 +18,4 @@ __all__ = ["CaptureError", "Group", "PruneGraph", "PruningError", "VerificationE
            "mask", "prune", "unmask", "__version__"]
 __all__ += ["LatencyResult", "Stats", "count", "latency"]
 __all__ += ["CheckpointError", "ExportError", "export", "load", "load_state_dict_pruned", "save"]
+__all__ += ["Criterion", "get_criterion", "importance"]
