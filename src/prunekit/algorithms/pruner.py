@@ -1,0 +1,339 @@
+"""``pk.Pruner``: rank units with a criterion and remove enough of them to meet a target.
+
+The pruner only decides *which units of which groups* go; analysis, removal and verification are the
+core's (:func:`prunekit.analyze`, :func:`prunekit.prune`).  Targets are met by computation, not trial:
+FLOPs and parameter counts after a plan come from the captured graph as a function of the units each
+group keeps, so a FLOPs target is a monotone search over one knob (the local ratio, or the length of the
+global ranking prefix), exact within one ``round_to`` step.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..graph import PruneGraph, analyze
+from ..spaces.graph import Group
+from ..surgery import prune as _prune
+from .targets import ChannelRatio, Target, as_target
+
+log = logging.getLogger("prunekit.pruner")
+
+
+def group_key(g: Group) -> tuple:
+    """A key that identifies a group across re-analyses of the same (progressively pruned) model."""
+    return (g.unit,) + tuple(sorted((m.fqn, m.dim, m.pos, len(m.sizes)) for m in g.members))
+
+
+@dataclass
+class _Slot:
+    """One eligible group and its constraints, in the current model."""
+
+    group: Group
+    orig: int  # size in the model the pruner started from
+    min_keep: int
+    step: int  # kept units are a multiple of this (round_to for channel groups)
+    ratio: float | None  # per-module ratio override (final channel ratio)
+
+    @property
+    def cur(self) -> int:
+        return self.group.size
+
+    def round_keep(self, kept: float) -> int:
+        k = max(self.min_keep, int(math.ceil(kept - 1e-9)))
+        if self.step > 1:
+            k = int(math.ceil(k / self.step) * self.step)
+        return min(self.cur, k)
+
+
+class Pruner:
+    """Structured pruning towards a target, one shot or step by step.
+
+    Args:
+        model: the model to prune (changed in place by :meth:`step` / :meth:`prune`).
+        example_inputs: what ``model`` is called with (tensor, tuple or dict); or use ``forward_fn``.
+        criterion: a name from :data:`prunekit.importance.CRITERIA` ("l1", "l2", "fpgm", "taylor", ...)
+            or a :class:`prunekit.importance.Criterion`.
+        target: a float channel ratio, or ``ChannelRatio`` / ``FlopsTarget`` / ``ParamsTarget`` /
+            ``LatencyTarget`` (the latter three give the fraction KEPT).
+        global_pruning: rank units across all groups (scores normalised per group) instead of the same
+            ratio per group.
+        round_to: kept channels are a multiple of this (heads and other units are not rounded).
+        max_ratio: at most this fraction of a group's (original) units is removed; one unit always stays.
+        ratios: per-module channel-ratio overrides ``{module or name pattern: ratio}`` (local pruning).
+        ignore: modules (objects or fnmatch name patterns) whose output channels are never pruned.  The
+            channels that reach the model's outputs are never pruned anyway (see ``prune_outputs``).
+        data, loss_fn: batches and loss for data-driven criteria (taylor, hessian, ...).
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any = None, criterion: Any = "l2", target: Any = 0.5, *,
+                 forward_fn: Callable | None = None, global_pruning: bool = False, round_to: int = 1,
+                 max_ratio: float = 1.0, ratios: Mapping[Any, float] | None = None,
+                 ignore: Iterable[Any] | None = None, data: Any = None, loss_fn: Callable | None = None,
+                 prune_outputs: bool = False, verify: bool = True, criterion_kwargs: Mapping | None = None):
+        from ..importance import get_criterion
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Pruner expects an nn.Module, got {type(model).__name__}")
+        if example_inputs is None and forward_fn is None:
+            raise ValueError("Pruner needs example_inputs (e.g. torch.randn(1, 3, 224, 224)) or a forward_fn")
+        if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+            raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
+        if not 0.0 < float(max_ratio) <= 1.0:
+            raise ValueError(f"max_ratio must be in (0, 1], got {max_ratio!r}")
+        self.model = model
+        self.example_inputs = example_inputs
+        self.forward_fn = forward_fn
+        self.target: Target = as_target(target)
+        self.global_pruning = bool(global_pruning)
+        self.round_to = round_to
+        self.max_ratio = float(max_ratio)
+        self.data, self.loss_fn = data, loss_fn
+        self.prune_outputs = prune_outputs
+        self.verify = verify
+        kw = dict(criterion_kwargs or {})
+        self.criterion = get_criterion(criterion, **kw)
+        if self.criterion.needs_data and data is None:
+            raise ValueError(f"criterion {self.criterion.name!r} needs data: pass data=<iterable of batches> "
+                             "(and loss_fn=lambda model, batch: loss if batches are not (x, y) pairs)")
+        names = {id(m): n for n, m in model.named_modules()}
+        self.ignore = [_pattern(p, names, "ignore") for p in (ignore or [])]
+        self.ratios = {}
+        for p, r in (ratios or {}).items():
+            self.ratios[_pattern(p, names, "ratios")] = ChannelRatio(r).ratio
+        self._graph: PruneGraph | None = None
+        g0 = self.graph
+        self._orig = {group_key(g): g.size for g in g0.groups}
+        self.base_macs = g0.macs()
+        self.base_params = g0.params_kept({})
+        self._base_latency: float | None = None
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ state
+    @property
+    def graph(self) -> PruneGraph:
+        """Analysis of the model as it is now (re-done lazily after each pruning step)."""
+        if self._graph is None or self._graph.stale:
+            self._graph = analyze(self.model, self.example_inputs, self.forward_fn, prune_outputs=self.prune_outputs)
+        return self._graph
+
+    def _slots(self) -> list[_Slot]:
+        out = []
+        for g in self.graph.prunable_groups:
+            mods = g.source or g.modules
+            if any(fnmatch.fnmatchcase(m, p) for p in self.ignore for m in mods):
+                continue
+            orig = self._orig.get(group_key(g), g.size)
+            ratio = next((r for p, r in self.ratios.items() if any(fnmatch.fnmatchcase(m, p) for m in mods)), None)
+            min_keep = max(1, int(math.ceil(orig * (1.0 - self.max_ratio) - 1e-9)))
+            step = self.round_to if g.unit == "channel" else 1
+            s = _Slot(g, orig, min_keep, step, ratio)
+            s.min_keep = min(s.round_keep(min_keep), g.size)
+            out.append(s)
+        return out
+
+    @property
+    def prunable_proportion(self) -> float:
+        """Fraction of the original model's target quantity (FLOPs for channel/FLOPs/latency targets,
+        parameters for a params target) that can be removed under the constraints (ignored modules,
+        max_ratio, round_to): every eligible group down to its minimum."""
+        slots = self._slots()
+        kept = {s.group.id: s.min_keep for s in slots}
+        if self.target.kind == "params":
+            return 1.0 - self.graph.params_kept(kept) / max(1, self.base_params)
+        return 1.0 - self.graph.macs_kept(kept) / max(1, self.base_macs)
+
+    # ------------------------------------------------------------------ scores
+    def scores(self, groups: list[Group] | None = None) -> dict[int, torch.Tensor]:
+        """Importance per unit for ``groups`` (default: every eligible group), higher = keep."""
+        if groups is None:
+            groups = [s.group for s in self._slots()]
+        return self.criterion.scores(self.model, self.graph, groups, data=self.data, loss_fn=self.loss_fn,
+                                     forward_fn=self.forward_fn)
+
+    # ------------------------------------------------------------------ planning
+    def plan(self, sparsity: float | None = None) -> dict[int, list[int]]:
+        """{group id: units to drop} that brings the model to ``sparsity`` of the target's quantity
+        (relative to the original model; default: the target's final sparsity)."""
+        s = self.target.sparsity if sparsity is None else float(sparsity)
+        if not 0.0 <= s <= 1.0:
+            raise ValueError(f"sparsity must be in [0, 1], got {s}")
+        slots = self._slots()
+        if not slots or s == 0.0:
+            return {}
+        scores = self.scores([sl.group for sl in slots])
+        kept = self._kept_for(slots, scores, s)
+        plan = {}
+        for sl in slots:
+            n = sl.cur - kept[sl.group.id]
+            if n > 0:
+                plan[sl.group.id] = torch.argsort(scores[sl.group.id].float(), stable=True)[:n].sort().values.tolist()
+        return plan
+
+    def _kept_for(self, slots: list[_Slot], scores: dict[int, torch.Tensor], s: float) -> dict[int, int]:
+        t = self.target
+        knob = self._global_knob(slots, scores) if self.global_pruning else self._local_knob(slots, s)
+        if t.kind == "channels":
+            if self.global_pruning:
+                total = sum(sl.orig for sl in slots)
+                done = sum(sl.orig - sl.cur for sl in slots)
+                return knob(max(0, int(round(s * total)) - done))
+            return knob(1.0)
+        goal, value = self._goal(t.kind, s)
+        full = knob(knob.hi)
+        if value(full) > goal * (1 + 1e-9):
+            raise ValueError(
+                f"{type(t).__name__}({t.ratio}) is not reachable: with the current constraints at most "
+                f"{self.prunable_proportion:.1%} of the model's {t.kind} can be removed (ignored modules, "
+                f"max_ratio={self.max_ratio}, round_to={self.round_to}, pinned groups: see graph.summary()). "
+                "Relax the constraints or choose a larger ratio.")
+        lo, hi = 0, knob.hi  # smallest knob position whose value meets the goal
+        if knob.continuous:
+            lo_f, hi_f = 0.0, 1.0
+            for _ in range(40 if t.kind != "latency" else 8):
+                mid = (lo_f + hi_f) / 2
+                if value(knob(mid)) <= goal:
+                    hi_f = mid
+                else:
+                    lo_f = mid
+            return knob(hi_f)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if value(knob(mid)) <= goal:
+                hi = mid
+            else:
+                lo = mid + 1
+        return knob(lo)
+
+    def _local_knob(self, slots: list[_Slot], s: float):
+        final = self.target.sparsity if self.target.kind == "channels" else None
+
+        def knob(frac: float) -> dict[int, int]:
+            kept = {}
+            for sl in slots:
+                if self.target.kind == "channels":
+                    r = s if sl.ratio is None else sl.ratio * (s / final if final else 1.0)
+                else:
+                    r = frac if sl.ratio is None else sl.ratio
+                kept[sl.group.id] = sl.round_keep(sl.orig - round(sl.orig * min(r, 1.0)))
+            return kept
+        knob.hi, knob.continuous = 1.0, True
+        return knob
+
+    def _global_knob(self, slots: list[_Slot], scores: dict[int, torch.Tensor]):
+        vals, owners = [], []
+        for k, sl in enumerate(slots):
+            sc = scores[sl.group.id].float()
+            if getattr(self.criterion, "normalize", None) is None:
+                sc = sc / sc.abs().mean().clamp_min(1e-12)
+            vals.append(sc)
+            owners.append(torch.full((sl.cur,), k, dtype=torch.long))
+        order = torch.argsort(torch.cat(vals), stable=True)
+        owner = torch.cat(owners)[order].tolist()
+
+        def knob(n: int) -> dict[int, int]:
+            removed = [0] * len(slots)
+            cap = [sl.cur - sl.min_keep for sl in slots]
+            left = int(n)
+            for k in owner:
+                if left <= 0:
+                    break
+                if removed[k] < cap[k]:
+                    removed[k] += 1
+                    left -= 1
+            return {sl.group.id: sl.round_keep(sl.cur - removed[k]) for k, sl in enumerate(slots)}
+        knob.hi, knob.continuous = len(owner), False
+        return knob
+
+    def _goal(self, kind: str, s: float):
+        graph = self.graph
+        if kind == "flops":
+            return self.base_macs * (1 - s), graph.macs_kept
+        if kind == "params":
+            return self.base_params * (1 - s), graph.params_kept
+        if kind == "latency":
+            return self.base_latency * (1 - s), self._latency_of
+        raise ValueError(f"unknown target kind {kind!r}")
+
+    # ------------------------------------------------------------------ latency
+    def _measure(self, model: nn.Module) -> float:
+        from ..metrics import latency
+        t = self.target
+        res = latency(model, self.example_inputs, device=getattr(t, "device", "cpu"), threads=getattr(t, "threads", None),
+                      repeats=getattr(t, "repeats", 10), forward_fn=self.forward_fn)
+        return _median_ms(res)
+
+    @property
+    def base_latency(self) -> float:
+        """Median latency (ms) of the model when the pruner was created (measured on first use)."""
+        if self._base_latency is None:
+            if self.history:
+                raise RuntimeError("the baseline latency must be measured before the first pruning step")
+            self._base_latency = self._measure(self.model)
+        return self._base_latency
+
+    def _latency_of(self, kept: Mapping[int, int]) -> float:
+        graph = self.graph
+        plan = {gid: graph.group(gid).size - k for gid, k in kept.items() if graph.group(gid).size > k}
+        if not plan:
+            return self._measure(self.model)
+        trial = copy.deepcopy(self.model)
+        ref, stale = graph.model_ref, graph.stale
+        try:  # the copy has the same structure: reuse this analysis for it
+            graph.model_ref = trial
+            _prune(trial, graph, {gid: list(range(n)) for gid, n in plan.items()}, verify=False)
+        finally:
+            graph.model_ref, graph.stale = ref, stale
+        return self._measure(trial)
+
+    # ------------------------------------------------------------------ acting
+    def step(self, sparsity: float | None = None) -> nn.Module:
+        """Prune the model (in place, verified) to ``sparsity`` of the target's quantity; returns the model."""
+        if self.target.kind == "latency":
+            _ = self.base_latency
+        graph = self.graph
+        plan = self.plan(sparsity)
+        before_macs = graph.macs()
+        if plan:
+            _prune(self.model, graph, plan, verify=self.verify)
+            self._graph = None
+        entry = {"sparsity": self.target.sparsity if sparsity is None else float(sparsity),
+                 "groups_pruned": len(plan), "units_removed": sum(len(u) for u in plan.values()),
+                 "macs_before": before_macs, "macs": self.graph.macs(), "params": self.graph.params_kept({})}
+        self.history.append(entry)
+        log.info("pruning step: sparsity %.3f, %d units from %d groups, MACs %.4g -> %.4g", entry["sparsity"],
+                 entry["units_removed"], entry["groups_pruned"], before_macs, entry["macs"])
+        return self.model
+
+    def prune(self) -> nn.Module:
+        """One-shot: prune to the target and return the (same, now smaller) model."""
+        return self.step(None)
+
+    def __repr__(self) -> str:
+        return (f"Pruner(criterion={self.criterion.name!r}, target={self.target}, global={self.global_pruning}, "
+                f"round_to={self.round_to}, max_ratio={self.max_ratio})")
+
+
+def _pattern(p: Any, names: Mapping[int, str], what: str) -> str:
+    if isinstance(p, nn.Module):
+        if id(p) not in names:
+            raise ValueError(f"{what}: module {type(p).__name__} is not part of the model")
+        return names[id(p)]
+    if isinstance(p, str):
+        return p
+    raise TypeError(f"{what}: expected a module or a name pattern, got {type(p).__name__}")
+
+
+def _median_ms(res: Any) -> float:
+    for attr in ("median_ms", "median"):
+        if hasattr(res, attr):
+            v = getattr(res, attr)
+            return float(v[0] if isinstance(v, (list, tuple)) else v)
+    d = res.to_dict()
+    return float(d["median_ms"])

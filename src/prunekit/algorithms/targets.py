@@ -1,0 +1,111 @@
+"""Pruning targets: what "pruned enough" means.
+
+Conventions (also used by the CLI):
+
+* ``ChannelRatio(r)``: remove the fraction ``r`` of the units of every group (local) or of all units
+  (global) - the ``pruning_ratio`` of Torch-Pruning, ``--ratio`` in the CLI.  A bare float is a channel ratio.
+* ``FlopsTarget(r)`` / ``ParamsTarget(r)`` / ``LatencyTarget(r)``: the pruned model KEEPS the fraction ``r``
+  of the original FLOPs / parameters / measured latency (``--flops-target 0.5`` halves the FLOPs).
+
+Every target exposes ``sparsity``: the fraction of its quantity that is removed at the end (``r`` for a
+channel ratio, ``1 - r`` for the others).  Schedules produce intermediate sparsities between 0 and that.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+def _check_ratio(name: str, r: float, allow_one: bool) -> float:
+    try:
+        r = float(r)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: ratio must be a number, got {r!r}") from None
+    hi_ok = r <= 1.0 if allow_one else r < 1.0
+    if not (0.0 <= r and hi_ok) or r != r:
+        rng = "[0, 1]" if allow_one else "[0, 1)"
+        raise ValueError(f"{name}: ratio must be in {rng}, got {r}")
+    return r
+
+
+class Target:
+    """Base class; ``kind`` is "channels", "flops", "params" or "latency"."""
+
+    kind = "channels"
+    ratio: float
+
+    @property
+    def sparsity(self) -> float:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ChannelRatio(Target):
+    """Remove ``ratio`` of the units (per group when local, of all eligible units when global)."""
+
+    ratio: float
+    kind = "channels"
+
+    def __post_init__(self):
+        object.__setattr__(self, "ratio", _check_ratio("ChannelRatio", self.ratio, allow_one=False))
+
+    @property
+    def sparsity(self) -> float:
+        return self.ratio
+
+
+@dataclass(frozen=True)
+class _KeepTarget(Target):
+    ratio: float
+
+    def __post_init__(self):
+        r = _check_ratio(type(self).__name__, self.ratio, allow_one=True)
+        if r == 0.0:
+            raise ValueError(f"{type(self).__name__}: ratio is the fraction KEPT and must be > 0, got 0")
+        object.__setattr__(self, "ratio", r)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.ratio
+
+
+@dataclass(frozen=True)
+class FlopsTarget(_KeepTarget):
+    """Keep ``ratio`` of the original FLOPs (met within one ``round_to`` step, computed, not measured)."""
+
+    kind = "flops"
+
+
+@dataclass(frozen=True)
+class ParamsTarget(_KeepTarget):
+    """Keep ``ratio`` of the original number of parameters."""
+
+    kind = "params"
+
+
+@dataclass(frozen=True)
+class LatencyTarget(_KeepTarget):
+    """Keep ``ratio`` of the original latency, measured with :func:`prunekit.latency` on ``device``."""
+
+    device: str = "cpu"
+    threads: int | None = None
+    repeats: int = 10
+    kind = "latency"
+
+
+def as_target(t: Any) -> Target:
+    """A float means a channel ratio; ``("flops", 0.5)`` style tuples and targets pass through."""
+    if isinstance(t, Target):
+        return t
+    if isinstance(t, bool):
+        raise TypeError("target must be a float channel ratio or a Target (ChannelRatio, FlopsTarget, ...)")
+    if isinstance(t, (int, float)):
+        return ChannelRatio(float(t))
+    if isinstance(t, (tuple, list)) and len(t) == 2 and isinstance(t[0], str):
+        kinds = {"channels": ChannelRatio, "ratio": ChannelRatio, "flops": FlopsTarget, "params": ParamsTarget,
+                 "latency": LatencyTarget}
+        if t[0] not in kinds:
+            raise ValueError(f"unknown target kind {t[0]!r}; use one of {sorted(kinds)}")
+        return kinds[t[0]](t[1])
+    raise TypeError(f"target must be a float channel ratio or a Target (ChannelRatio, FlopsTarget, ParamsTarget, "
+                    f"LatencyTarget), got {type(t).__name__}")
