@@ -19,3 +19,6 @@ __all__ = ["CaptureError", "Group", "PruneGraph", "PruningError", "VerificationE
 __all__ += ["LatencyResult", "Stats", "count", "latency"]
 __all__ += ["CheckpointError", "ExportError", "export", "load", "load_state_dict_pruned", "save"]
 __all__ += ["Criterion", "get_criterion", "importance"]
+from .algorithms import ChannelRatio, FlopsTarget, LatencyTarget, ParamsTarget, Pruner  # noqa: E402
+
+__all__ += ["ChannelRatio", "FlopsTarget", "LatencyTarget", "ParamsTarget", "Pruner"]
