@@ -23,6 +23,16 @@ _SOURCE_DIM = {  # module class -> weight dim that holds its output channels
 }
 
 
+def source_dim(module: nn.Module | None) -> int | None:
+    """Weight dim that holds ``module``'s output channels (subclasses such as timm's Conv2dSame included)."""
+    if module is None:
+        return None
+    for cls in type(module).__mro__:
+        if cls.__name__ in _SOURCE_DIM:
+            return _SOURCE_DIM[cls.__name__]
+    return None
+
+
 class PruneGraph:
     """Result of :func:`analyze`: the captured tape, channel spaces and groups of one model."""
 
@@ -65,7 +75,7 @@ class PruneGraph:
                             order.append(s.id)
                         members[s.id].append(Member(nd.name, d, off, sizes, pos))
                     off += C.term_size(term)
-        types = self.tape.modules
+        mod_objs = dict(model.named_modules())
         shapes = {nd.name: nd.shape for nd in tape.nodes if nd.kind in ("param", "buffer")}
         order_ch = [lid for lid in order if "nonchannel" not in leaf_obj[lid].tags]
         for gid, lid in enumerate(order_ch):
@@ -74,11 +84,10 @@ class PruneGraph:
             mods = []
             src = []
             for m in mem:
-                mod = m.fqn.rsplit(".", 1)[0] if "." in m.fqn else m.fqn
+                mod, _, attr = m.fqn.rpartition(".")
                 if mod not in mods:
                     mods.append(mod)
-                attr = m.fqn.rsplit(".", 1)[-1]
-                if attr == "weight" and _SOURCE_DIM.get(types.get(mod, "")) == m.dim and mod not in src:
+                if attr == "weight" and source_dim(mod_objs.get(mod)) == m.dim and mod not in src:
                     src.append(mod)
             reason = "; ".join(s.pins)
             prunable = not s.pins

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph import _SOURCE_DIM  # the one table of "which weight dim holds a layer's output channels"
+from ..graph import source_dim  # the one table of "which weight dim holds a layer's output channels"
 from ..spaces.graph import Group, Member
 
 log = logging.getLogger("prunekit.importance")
@@ -68,14 +68,7 @@ def module_and_attr(model: nn.Module, fqn: str) -> tuple[nn.Module | None, str]:
         return None, attr
 
 
-def output_dim(module: nn.Module | None) -> int | None:
-    """Weight dim that holds ``module``'s output channels (conv/linear and their subclasses), else None."""
-    if module is None:
-        return None
-    for cls in type(module).__mro__:
-        if cls.__name__ in _SOURCE_DIM:
-            return _SOURCE_DIM[cls.__name__]
-    return None
+output_dim = source_dim  # weight dim that holds a module's output channels (subclasses included), else None
 
 
 def is_norm(module: nn.Module | None) -> bool:
