@@ -338,29 +338,13 @@ def attribute_problems(model: nn.Module, kinds: tuple[type, ...]) -> list[str]:
 NON_LINEAR_KINDS = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
                     nn.Embedding, nn.PReLU, nn.MultiheadAttention, MatmulAttention, SDPAAttention)
 
-_INSTANCENORM_BUG = ("core bug: the channels of an InstanceNorm2d(affine=True) are pinned by the dry run "
-                     "('dry-run pruning breaks the forward: ... ValueError: expected input's size at dim=1 to match "
-                     "num_features (6), but got: 4'): the batch-norm rule deliberately skips binding num_features "
-                     "for classes named *Instance*, so the attribute is never updated and InstanceNorm's forward "
-                     "check fails")
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_module_attributes_conv_norm_embedding(name):
     original, model, graph, plan, x, ref = pruned(name)
     assert attribute_problems(model, NON_LINEAR_KINDS) == []
 
 
-_LINEAR_ATTR_OPEN = {
-    "channels_last_mlp": "core bug: fc1 keeps in_features=8/out_features=16 after pruning (weight is 9x4). fc1 gets a "
-                         "permuted (non-contiguous) 4-D input, so F.linear lowers to expand + aten.bmm, and the mm "
-                         "rule only binds in/out_features for addmm/mm/matmul/_addmm_activation, not bmm",
-    "torch_mha": "core bug: mha.out_proj keeps in/out_features=8 (weight is 5x2) and out keeps in_features=8 (weight "
-                 "is 4x5) after pruning: "
-                 "MultiheadAttention calls F.linear(out_proj.weight) from its own forward, so the addmm runs in "
-                 "module 'mha' (not a Linear) and module_of() finds no Linear to bind; 'out' (non-contiguous "
-                 "3-D input -> bmm) is not bound either",
-}
+_LINEAR_ATTR_OPEN: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=_LINEAR_ATTR_OPEN[n], strict=True,
@@ -429,16 +413,7 @@ def test_prune_outputs_true_verified(name):
 
 
 # ---------------------------------------------------------------- every prunable group really is prunable
-_CHUNK_BUG = ("core bug: split_chunk_narrow group 'mid, head' (mid rows 5..7, in the second half of "
-              "m.chunk(2)) is prunable but removing 2 of its 3 units fails: RuntimeError 'The size of tensor a "
-              "(4) must match the size of tensor b (3)'. chunk(2) is recorded as split.Tensor(split_size=4), so "
-              "the halves are treated as fixed cuts; the dry-run validation only drops 1 unit (ceil(7/2) is "
-              "still 4) and misses it")
-_SHUFFLE_BUG = ("core bug: nn.ChannelShuffle(2): the group factor (size 2) is prunable and exact, but removing "
-                "one group alone raises VerificationError 'output 0 differs from the masked original': the "
-                "channel_shuffle rule never binds ChannelShuffle.groups, so the pruned model still shuffles "
-                "with groups=2 (shapes are unchanged, so the dry run cannot see it)")
-KEEP_ONE_XFAIL = {"split_chunk_narrow": _CHUNK_BUG, "shuffle_module": _SHUFFLE_BUG}
+KEEP_ONE_XFAIL: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=KEEP_ONE_XFAIL[n], strict=True,
@@ -525,16 +500,16 @@ def test_split_chunk_narrow_boundaries():
     _, _, graph = analyzed("split_chunk_narrow")
     a = group_of(graph, "p1.weight", 1)
     assert slice_map(a)[("stem.weight", 0)] == [0, 1, 2, 3]
-    # chunk halves of `mid`: first half is added to p2's output
-    # mid's rows are cut at 2 (narrow start), 4 (chunk) and 5 (narrow end): pieces 0:2, 2:4, 4:5, 5:8;
-    # the single row 4 is a 1-unit piece and owns no group
+    # chunk(2) of `mid`: chunk recomputes its halves from the pruned size, so the halves shrink together
+    # (row i of the first half is tied to row 4+i of the second); the first half is added to p2's output;
+    # narrow(m, 1, 2, 3) cuts at 2 and 5, so the tied pieces are 0:2~4:6 and 2:4~6:8
     mids = groups_of(graph, "mid.weight", 0)
-    assert sorted(slice_map(g)[("mid.weight", 0)] for g in mids) == [[0, 1], [2, 3], [5, 6, 7]]
-    g_p2 = groups_of(graph, "p2.weight", 0)  # p2's output is added to the first chunk half
-    assert sorted(slice_map(g)[("mid.weight", 0)] for g in g_p2) == [[0, 1], [2, 3]]
-    # narrow(m, 1, 2, 3) feeds q: q's input channels are mid's rows 2..4
+    assert sorted(slice_map(g)[("mid.weight", 0)] for g in mids) == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    g_p2 = groups_of(graph, "p2.weight", 0)
+    assert sorted(slice_map(g)[("mid.weight", 0)] for g in g_p2) == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    # narrow(m, 1, 2, 3) feeds q with mid's rows 2..4: the literal length 3 pins them (row 4 pins its partner 0)
     q_in = groups_of(graph, "q.weight", 1)
-    assert [slice_map(g)[("mid.weight", 0)] for g in q_in] == [[2, 3]]
+    assert all(not g.prunable for g in q_in)
     # the literal split sizes [4, 8] break when stem's channels change: those groups are pinned, not wrong
     assert not group_of(graph, "p1.weight", 1).prunable
 
@@ -677,7 +652,6 @@ def test_norm_groups():
     assert group_of(graph, "inorm.weight", 0) is group_of(graph, "c3.weight", 0)
 
 
-@pytest.mark.xfail(reason=_INSTANCENORM_BUG, strict=True, raises=AssertionError)
 def test_instancenorm_channels_prunable():
     model, x, graph = analyzed("norms")
     g = group_of(graph, "inorm.weight", 0)

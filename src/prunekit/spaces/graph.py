@@ -110,6 +110,7 @@ class Analyzer:
         self.unsupported: dict[str, set[str]] = {}
         self.reshape_cands: dict[tuple[str, str], list] = {}
         self.pderived: set[int] = {nd.id for nd in tape.nodes if nd.kind in ("param", "buffer")}
+        self.param_nid: dict[str, int] = {nd.name: nd.id for nd in tape.nodes if nd.kind in ("param", "buffer")}
         self.op: OpRecord | None = None
         for nd in tape.nodes:
             if nd.kind in ("param", "buffer"):
@@ -264,8 +265,16 @@ class Analyzer:
         self.op = None
 
     def finish(self) -> None:
-        """Pin split factors inside products; resolve reshape-size attribute candidates."""
+        """Pin split factors inside products; bind Linear sizes; resolve reshape-size attribute candidates."""
         self._pin_interleaved()
+        # nn.Linear's sizes always equal its weight's: bind them from the weight even when the matmul ran
+        # elsewhere (F.linear inside MultiheadAttention, bmm lowering of non-contiguous inputs)
+        for name, m in self.modules.items():
+            if isinstance(m, nn.Linear) and f"{name}.weight" in self.param_nid:
+                pid = self.param_nid[f"{name}.weight"]
+                if self.layouts[pid] is not None and len(self.layouts[pid]) == 2:
+                    self.bind(name, "out_features", self.layouts[pid][0])
+                    self.bind(name, "in_features", self.layouts[pid][1])
         for (mod, attr), cands in self.reshape_cands.items():
             free = [(i, l, w) for i, l, w in cands if any(s.size > 1 and not s.pins for s in C.leaves(l))]
             if not free:

@@ -344,14 +344,28 @@ def _split(A, op):
     n = len(ish)
     dim = _nd(arg(op, 2, "dim", 0), n)
     pos = 0
-    for out in op.outs():
+    outs = op.outs()
+    sizes = [A.shape(o)[dim] for o in outs]
+    # split.Tensor(split_size) is also what chunk() records: chunk recomputes the size from the (pruned) total,
+    # so equal parts must shrink together, and unequal parts (n % chunks != 0) cannot follow pruning at all
+    by_size = op.packet in ("split", "unsafe_split", "split_copy") and len(outs) > 1
+    if by_size and len(set(sizes)) > 1:
+        C.pin(A.lay(x, dim), f"{A.where(op)}: split/chunk into unequal parts {sizes} (sizes cannot follow pruning)")
+    first = None
+    for out in outs:
         size = A.shape(out)[dim]
         for d in range(n):
             if d != dim:
                 A.copy_dim(x, d, out, d)
         try:
-            A.set(out, dim, C.slice_layout(A.lay(x, dim), pos, pos + size) if size != ish[dim] else A.lay(x, dim))
+            part = C.slice_layout(A.lay(x, dim), pos, pos + size) if size != ish[dim] else A.lay(x, dim)
+            A.set(out, dim, part)
             A.set_zero(out, dim, A.zero(x, dim))
+            if by_size:
+                if first is None:
+                    first = part
+                else:
+                    C.tie(first, part, f"{A.where(op)}: chunk parts shrink together")
         except C.TieError as e:
             msg = f"{A.where(op)}: {e}"
             C.pin(A.lay(x, dim), msg)
@@ -689,6 +703,17 @@ def _batchnorm(A, op):
                            "InstanceNorm2d", "InstanceNorm3d", "LazyBatchNorm2d"))
     if mod is not None and "Instance" not in type(A.modules[mod]).__name__:
         A.bind(mod, "num_features", lx)
+    elif mod is not None:
+        # instance norm runs batch_norm on (1, B*C, ...) with repeated weight/stats: num_features follows the
+        # module's own per-channel parameter (or the channel factor of B*C when it has none)
+        pid = next((A.param_nid[f"{mod}.{a}"] for a in ("weight", "running_mean") if f"{mod}.{a}" in A.param_nid),
+                   None)
+        if pid is not None:
+            A.bind(mod, "num_features", A.lay(pid, 0))
+        else:
+            terms = C.expand(lx)
+            if len(terms) == 1 and len(terms[0]) == 2:
+                A.bind(mod, "num_features", ((terms[0][1],),))
 
 
 @rule("native_layer_norm", "layer_norm", "rms_norm", "_fused_rms_norm")
@@ -827,6 +852,9 @@ def _channel_shuffle(A, op):
         lg, lc = C.split_sizes(A.lay(x, 1), [g, xs[1] // g])
         A.set(out, 1, C.merge([lc, lg]))
         A.set_zero(out, 1, A.zero(x, 1))
+        mod = A.module_of(op, ("ChannelShuffle",))
+        if mod is not None:
+            A.bind(mod, "groups", lg)
     except C.TieError as e:
         A.pin_node(x, f"{where}: {e}")
 
