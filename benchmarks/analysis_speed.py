@@ -227,6 +227,10 @@ def run_case(name: str, device: str, repeats: int, trace: bool, do_tp: bool) -> 
         res["pk"].update(graph_info)
     except Exception as e:
         res["pk"] = {"error": _short(e, 1500)}
+    try:  # the same analysis without the dry-run validation (a safety net Torch-Pruning does not have)
+        res["pk_novalidate"] = measure(lambda: pk.analyze(model, x, validate=False), repeats, False)
+    except Exception as e:
+        res["pk_novalidate"] = {"error": _short(e, 600)}
 
     if do_tp:
         import torch_pruning as tp
@@ -241,13 +245,26 @@ def run_case(name: str, device: str, repeats: int, trace: bool, do_tp: bool) -> 
         def tp_fn():
             return tp.DependencyGraph().build_dependency(model, example_inputs=xt)
 
+        def tp_groups_fn():  # what pk.analyze returns: the graph AND its groups
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=xt)
+            return list(dg.get_all_groups())
+
         try:
             res["tp"] = measure(tp_fn, repeats, trace)
         except Exception as e:
             res["tp"] = {"error": ("n/a: " if device == "meta" else "") + _short(e, 600)}
+        try:
+            res["tp_groups"] = measure(tp_groups_fn, repeats, False)
+        except Exception as e:
+            res["tp_groups"] = {"error": _short(e, 600)}
         pkm, tpm = res["pk"].get("median_s"), res["tp"].get("median_s")
         if pkm and tpm:
             res["speedup_tp_over_pk"] = round(tpm / pkm, 2)
+        tgm, pnm = res["tp_groups"].get("median_s"), res["pk_novalidate"].get("median_s")
+        if pkm and tgm:
+            res["speedup_tpgroups_over_pk"] = round(tgm / pkm, 2)
+        if pnm and tgm:
+            res["speedup_tpgroups_over_pk_novalidate"] = round(tgm / pnm, 2)
     return res
 
 
@@ -261,7 +278,9 @@ def write_outputs(results: list[dict], meta: dict, out_json: Path, out_md: Path)
     out_json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     hdr = ["model", "params (M)", "weights", "input", "pk median (s)", "pk first (s)", "pk peak RSS Δ (MB)",
            "pk tracemalloc peak (MB)", "groups / prunable", "TP median (s)", "TP first (s)", "TP peak RSS Δ (MB)",
-           "TP tracemalloc peak (MB)", "speed-up (TP / pk)"]
+           "TP tracemalloc peak (MB)", "speed-up (TP / pk)", "pk no-validate median (s)",
+           "TP graph+groups median (s)", "speed-up (TP graph+groups / pk)",
+           "speed-up (TP graph+groups / pk no-validate)"]
     lines = ["# prunekit analysis speed", "",
              f"Generated {meta['date']} on {meta['machine']}; torch {meta['torch']}, timm {meta['timm']}, "
              f"transformers {meta.get('transformers')}, prunekit {meta['prunekit']} (git {meta['git']}), "
@@ -274,7 +293,10 @@ def write_outputs(results: list[dict], meta: dict, out_json: Path, out_md: Path)
              "before it (includes tensor storage); `tracemalloc peak` = peak Python-heap allocation in one "
              "extra run under tracemalloc (does not see torch tensor storage). Weights: `cpu` = real, randomly "
              "initialised fp32 weights; `meta` = model built under `torch.device(\"meta\")` (no weight memory). "
-             "Speed-up = TP median / prunekit median.", "",
+             "Speed-up = TP median / prunekit median. `TP graph+groups` adds `list(DG.get_all_groups())` to the "
+             "graph build, which is what `pk.analyze` returns (graph and groups); `pk no-validate` is "
+             "`pk.analyze(..., validate=False)` (no dry-run pruning on a meta copy, a check Torch-Pruning does "
+             "not make).", "",
              "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in results:
         pk_, tp_ = r.get("pk", {}), r.get("tp", {})
@@ -292,6 +314,8 @@ def write_outputs(results: list[dict], meta: dict, out_json: Path, out_md: Path)
             row += [fmt(tp_.get("median_s")), fmt(tp_.get("first_s")), fmt(tp_.get("peak_rss_delta_mb")),
                     fmt(tp_.get("tracemalloc_peak_mb"))]
         row.append(fmt(r.get("speedup_tp_over_pk"), "x"))
+        row += [fmt(r.get("pk_novalidate", {}).get("median_s")), fmt(r.get("tp_groups", {}).get("median_s")),
+                fmt(r.get("speedup_tpgroups_over_pk"), "x"), fmt(r.get("speedup_tpgroups_over_pk_novalidate"), "x")]
         lines.append("| " + " | ".join(row) + " |")
     notes = [r for r in results if r.get("plain_attempt")]
     if notes:
