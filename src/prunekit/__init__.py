@@ -22,3 +22,6 @@ __all__ += ["Criterion", "get_criterion", "importance"]
 from .algorithms import ChannelRatio, FlopsTarget, LatencyTarget, ParamsTarget, Pruner  # noqa: E402
 
 __all__ += ["ChannelRatio", "FlopsTarget", "LatencyTarget", "ParamsTarget", "Pruner"]
+from .schedules import AGP, Geometric, Linear, LotteryTicket, OneShot, get_schedule, prune_iteratively  # noqa: E402
+
+__all__ += ["AGP", "Geometric", "Linear", "LotteryTicket", "OneShot", "get_schedule", "prune_iteratively"]

@@ -1,0 +1,359 @@
+"""``prune_iteratively``: prune along a schedule, fine-tune and evaluate between steps, resume after a crash.
+
+    pruner = pk.Pruner(model, x, "l2", pk.FlopsTarget(0.5))
+    model, history = pk.prune_iteratively(pruner, pk.AGP(steps=5), finetune_fn=train_one_epoch,
+                                          eval_fn=accuracy, workdir="runs/agp")
+
+Every step ``t = 1 .. n``: ``pruner.step(s_t)`` (in place, verified); lottery-ticket rewinding if the schedule
+asks for it; ``finetune_fn(model, t)``; ``eval_fn(model)``; a history entry; with ``workdir``, a checkpoint
+of the model (``pk.save``: state dict + pruning record) and a JSON state file, both written atomically; then
+``callback(entry)``.
+
+Resuming: call again with the same arguments, a *freshly built original model* (the same architecture, config
+and starting weights) in a *new* ``Pruner``, and the same ``workdir``.  The last checkpoint's record is
+replayed on the new model, its weights loaded, the history restored, and the run continues with the next
+step.  Given a deterministic ``finetune_fn`` (or ``seed=...`` for everything that draws from torch's global
+generator) the final model is the same as that of an uninterrupted run.  Optimizer state and anything else
+``finetune_fn`` keeps outside the model is the caller's to restore.
+
+Workdir layout: ``state.json`` (format, step count, schedule, target, pruner settings, model fingerprint,
+history), ``step_<t>.safetensors`` per finished step (``.pt`` without safetensors), and for lottery
+rewinding ``rewind_init.pt`` / ``rewind_early.pt`` (the weights rewound to).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..io.checkpoint import CheckpointError, _replayed_shapes, atomic_path, check_state, read_checkpoint, save
+from ..surgery import RECORD_ATTR, replay_record, slice_state_dict
+from .base import LotteryTicket, Schedule, get_schedule
+
+log = logging.getLogger("prunekit.schedules")
+
+STATE_FILE = "state.json"
+FORMAT = "prunekit.iterative"
+FORMAT_VERSION = 1
+
+__all__ = ["ResumeError", "model_fingerprint", "prune_iteratively"]
+
+
+class ResumeError(ValueError):
+    """A workdir's saved run does not fit this call (other model, settings or an already pruned model)."""
+
+
+# ---------------------------------------------------------------- helpers
+def _canon(obj: Any) -> str:
+    """JSON text that is equal for equal content (int keys and their string form alike)."""
+    return json.dumps(json.loads(json.dumps(obj)), sort_keys=True, separators=(",", ":"))
+
+
+def _model_shapes(model: nn.Module) -> dict[str, list]:
+    return {k: [list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()}
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over the model's class name and the name, shape and dtype of every state-dict entry."""
+    body = _canon({"class": type(model).__qualname__, "state": _model_shapes(model)})
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+
+
+def _snapshot(model: nn.Module) -> dict[str, Any]:
+    """The weights to rewind to, with the number of pruning-record steps they already include."""
+    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "record_len": len(getattr(model, RECORD_ATTR, None) or [])}
+
+
+def _save_snapshot(path: Path, snap: Mapping[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"state": dict(snap["state"]), "record_len": int(snap["record_len"])}, tmp)
+
+
+def _load_snapshot(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ResumeError(f"{path}: the weights for lottery-ticket rewinding are missing from the workdir; "
+                          "the workdir is incomplete: start over with resume=False or use another workdir")
+    with open(path, "rb") as f:
+        obj = torch.load(f, map_location="cpu", weights_only=True)
+    return {"state": obj["state"], "record_len": int(obj["record_len"])}
+
+
+def _rewind(model: nn.Module, snap: Mapping[str, Any]) -> None:
+    """Reset the surviving weights (and buffers) to ``snap``, sliced like the pruning done since it was taken."""
+    record = getattr(model, RECORD_ATTR, None) or []
+    state = slice_state_dict(snap["state"], record[snap["record_len"]:])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise RuntimeError(f"lottery-ticket rewinding failed: the saved weights do not fit the pruned model ({e}). "
+                           "Was the model changed outside the pruner between steps?") from None
+
+
+def _metric(value: Any) -> float | dict[str, float] | None:
+    """``eval_fn``'s result as JSON-able numbers."""
+    def num(v: Any, what: str) -> float:
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"eval_fn must return a number or a dict of numbers; {what} is {type(v).__name__}")
+        return float(v)
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): num(v, f"value {k!r}") for k, v in value.items()}
+    return num(value, "the result")
+
+
+def _target_info(target: Any) -> dict[str, Any]:
+    return {"type": type(target).__name__, "kind": target.kind, "ratio": float(target.ratio),
+            "sparsity": float(target.sparsity)}
+
+
+def _pruner_info(pruner: Any) -> dict[str, Any]:
+    return {"criterion": getattr(pruner.criterion, "name", type(pruner.criterion).__name__),
+            "global_pruning": pruner.global_pruning, "round_to": pruner.round_to, "max_ratio": pruner.max_ratio,
+            "ignore": list(pruner.ignore), "ratios": dict(pruner.ratios), "prune_outputs": bool(pruner.prune_outputs)}
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, total: int, done: int, desc: str) -> Iterator[Callable[[str], None]]:
+    """An ``advance(text)`` function drawing a bar with rich (on stderr) or tqdm when installed, else nothing."""
+    if enabled:
+        try:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        except ImportError:
+            pass
+        else:
+            cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            with Progress(*cols, console=Console(stderr=True)) as bar:
+                task = bar.add_task(desc, total=total, completed=done)
+                yield lambda text: bar.update(task, advance=1, description=f"{desc} {text}")
+            return
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            pass
+        else:
+            bar = tqdm(total=total, initial=done, desc=desc)
+            try:
+                def advance(text: str) -> None:
+                    bar.set_postfix_str(text)
+                    bar.update(1)
+                yield advance
+            finally:
+                bar.close()
+            return
+    yield lambda text: None
+
+
+# ---------------------------------------------------------------- resume
+def _check_resume(state: Mapping[str, Any], config: Mapping[str, Any], model: nn.Module,
+                  start_record: list, wd: Path) -> None:
+    if state.get("format") != FORMAT:
+        raise ResumeError(f"{wd / STATE_FILE}: not a prunekit iterative-pruning state (format "
+                          f"{state.get('format')!r}); use another workdir")
+    if int(state.get("format_version", 0)) > FORMAT_VERSION:
+        raise ResumeError(f"{wd / STATE_FILE}: written by a newer prunekit; upgrade prunekit to resume it")
+    diffs = [f"{k}: saved {state['config'].get(k)!r}, now {v!r}" for k, v in config.items()
+             if _canon(state["config"].get(k)) != _canon(v)]
+    if diffs:
+        raise ResumeError(f"{wd}: the saved run used other settings ({'; '.join(diffs)}). Pass the same "
+                          "schedule, steps, target and pruner settings to resume, or resume=False to start over, "
+                          "or another workdir.")
+    saved = state["model"]
+    if _canon(start_record) != _canon(saved["start_record"]):
+        n_now, n_then = len(start_record), len(saved["start_record"])
+        raise ResumeError(
+            f"{wd}: pruner.model is already pruned ({n_now} pruning step(s) recorded; the saved run started from "
+            f"{n_then}). Resuming replays the saved checkpoint on a freshly built original model: build the model "
+            "again (same architecture, config and starting weights) and pass it to a new Pruner.")
+    if model_fingerprint(model) != saved["fingerprint"]:
+        now, then = _model_shapes(model), saved["shapes"]
+        diff = [f"{k}: saved {then[k]}, now {now[k]}" for k in then if k in now and now[k] != then[k]][:3]
+        diff += [f"{k} missing" for k in then if k not in now][:2]
+        diff += [f"{k} unexpected" for k in now if k not in then][:2]
+        if saved["class"] != type(model).__qualname__:
+            diff.insert(0, f"class: saved {saved['class']}, now {type(model).__qualname__}")
+        raise ResumeError(f"{wd}: pruner.model is not the model this run was started with ({'; '.join(diff)}). "
+                          "Build the same architecture and config, or use another workdir (or resume=False).")
+
+
+def _restore(pruner: Any, path: Path, start_len: int) -> None:
+    """Rebuild the pruned model from checkpoint ``path`` on ``pruner.model`` (checked before anything changes)."""
+    model = pruner.model
+    try:
+        ckpt = read_checkpoint(path)
+        if ckpt.record is None or len(ckpt.record) < start_len:
+            raise CheckpointError(f"{path}: no pruning record beyond the starting model's")
+        new = ckpt.record[start_len:]
+        expected = _replayed_shapes(model, new, str(path))
+        check_state(str(path), expected, ckpt.state_dict, strict=True)
+    except CheckpointError as e:
+        raise ResumeError(f"cannot resume from {path}: {e}") from e
+    replay_record(model, new)
+    model.load_state_dict(ckpt.state_dict)
+    pruner._graph = None  # the cached analysis describes the unpruned model
+
+
+def _clear(wd: Path) -> None:
+    for pattern in ("step_*.safetensors", "step_*.pt", "rewind_*.pt", STATE_FILE):
+        for p in wd.glob(pattern):
+            p.unlink()
+
+
+# ---------------------------------------------------------------- main loop
+def prune_iteratively(pruner: Any, schedule: Schedule | str = "linear", finetune_fn: Callable | None = None,
+                      eval_fn: Callable | None = None, *, steps: int | None = None,
+                      workdir: str | Path | None = None, callback: Callable | None = None, progress: bool = True,
+                      resume: bool = True, seed: int | None = None,
+                      rewind_state: Mapping[str, torch.Tensor] | None = None) -> tuple[nn.Module, list[dict]]:
+    """Prune ``pruner.model`` to ``pruner.target`` in steps along ``schedule``; return ``(model, history)``.
+
+    Args:
+        pruner: a :class:`prunekit.Pruner`; its target's ``sparsity`` is the schedule's final sparsity.
+        schedule: a :class:`Schedule` or a name for :func:`get_schedule` (``"linear"``, ``"agp"``, ...).
+        finetune_fn: ``finetune_fn(model, step)`` after each pruning step (steps count from 1).
+        eval_fn: ``eval_fn(model) -> float | dict[str, float]`` after fine-tuning; stored as ``metric``.
+        steps: number of pruning steps (default: the schedule's ``steps``; :class:`OneShot` is always one).
+        workdir: folder for per-step checkpoints and the resume state (see the module docstring).
+        callback: ``callback(entry)`` after each step with a copy of the history entry; returning ``False``
+            stops after that step (a later call with the same workdir continues).
+        progress: draw a progress bar (rich or tqdm, on stderr) when one of them is installed.
+        resume: continue the run saved in ``workdir``; ``False`` discards it and starts over.
+        seed: if given, ``torch.manual_seed(seed + step)`` before each step, so random criteria and
+            fine-tuning that draw from torch's global generator repeat exactly after a resume.
+        rewind_state: for :class:`LotteryTicket` with ``rewind="init"``: the state dict (of the model as
+            it is now, e.g. its initialisation before dense training) to rewind to; default: the model's
+            weights at the start of this call.
+
+    History entries: ``step``, ``sparsity`` (scheduled), ``macs``, ``params``, ``macs_ratio`` and
+    ``params_ratio`` (of the original), ``units_removed``, ``groups_pruned``, ``rewound``, ``metric``
+    (``None`` without ``eval_fn``), ``seconds`` (the step's wall time), and ``checkpoint`` with a workdir.
+    """
+    schedule = get_schedule(schedule)
+    for name, fn in (("finetune_fn", finetune_fn), ("eval_fn", eval_fn), ("callback", callback)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"prune_iteratively: {name} must be callable, got {type(fn).__name__}")
+    target = pruner.target
+    sparsities = schedule.sparsities(target.sparsity, steps)
+    n = len(sparsities)
+    model = pruner.model
+    rewind = schedule.rewind if isinstance(schedule, LotteryTicket) else None
+    if rewind == "early" and schedule.rewind_step >= n:
+        raise ValueError(f"LotteryTicket(rewind='early', rewind_step={schedule.rewind_step}) needs more than "
+                         f"{schedule.rewind_step} steps (got {n}): the weights are saved after step rewind_step's "
+                         "fine-tuning and rewound to from the next step on; lower rewind_step or add steps")
+    if rewind_state is not None and rewind != "init":
+        raise ValueError("prune_iteratively: rewind_state is only used by LotteryTicket(rewind='init')")
+    config = {"schedule": {"name": schedule.name, **{k: v for k, v in schedule.params().items() if k != "steps"}},
+              "steps": n, "sparsities": sparsities, "target": _target_info(target), "pruner": _pruner_info(pruner),
+              "seed": seed}
+    start_record = json.loads(json.dumps(getattr(model, RECORD_ATTR, None) or []))
+    wd = Path(workdir) if workdir is not None else None
+    history: list[dict] = []
+    done = 0
+    snaps: dict[str, dict] = {}
+    state: dict[str, Any] | None = None
+    if wd is not None and (wd / STATE_FILE).is_file():
+        if resume:
+            try:
+                state = json.loads((wd / STATE_FILE).read_text())
+            except ValueError as e:
+                raise ResumeError(f"{wd / STATE_FILE} is not valid JSON ({e}); the workdir is corrupt: "
+                                  "resume=False starts over") from None
+        else:
+            log.warning("prune_iteratively: resume=False, discarding the run saved in %s", wd)
+            _clear(wd)
+
+    if state is not None:
+        _check_resume(state, config, model, start_record, wd)
+        done = int(state["done"])
+        history = list(state["history"])
+        if state.get("base_latency") is not None:
+            pruner._base_latency = float(state["base_latency"])  # measured on the original model
+        if done:
+            _restore(pruner, wd / state["checkpoint"], len(start_record))
+        pruner.history.extend(state["pruner_history"])
+        if rewind == "init":
+            snaps["init"] = _load_snapshot(wd / "rewind_init.pt")
+        if rewind == "early" and done >= schedule.rewind_step:
+            snaps["early"] = _load_snapshot(wd / "rewind_early.pt")
+        log.info("prune_iteratively: resuming %s after step %d of %d", wd, done, n)
+    else:
+        if target.kind == "latency":
+            _ = pruner.base_latency  # measure the baseline before the model changes
+        if rewind == "init":
+            if rewind_state is None:
+                snaps["init"] = _snapshot(model)
+            else:
+                check_state("rewind_state", {k: v.shape for k, v in model.state_dict().items()}, rewind_state, True)
+                snaps["init"] = {"state": {k: v.detach().clone() for k, v in rewind_state.items()},
+                                 "record_len": len(start_record)}
+        if wd is not None:
+            wd.mkdir(parents=True, exist_ok=True)
+            if rewind == "init":
+                _save_snapshot(wd / "rewind_init.pt", snaps["init"])
+            state = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config,
+                     "model": {"class": type(model).__qualname__, "fingerprint": model_fingerprint(model),
+                               "shapes": _model_shapes(model), "start_record": start_record},
+                     "base_latency": pruner._base_latency if target.kind == "latency" else None,
+                     "done": 0, "checkpoint": None, "history": [], "pruner_history": []}
+            _write_json(wd / STATE_FILE, state)
+
+    if done >= n:
+        log.info("prune_iteratively: all %d steps already done in %s", n, wd)
+        return model, [dict(e) for e in history]
+
+    desc = f"{schedule.name} pruning"
+    with _progress_bar(progress, n, done, desc) as advance:
+        for t in range(done + 1, n + 1):
+            s = sparsities[t - 1]
+            t0 = time.perf_counter()
+            if seed is not None:
+                torch.manual_seed(seed + t)
+            pruner.step(s)
+            p_entry = pruner.history[-1]
+            snap = snaps.get(rewind) if rewind else None
+            if snap is not None:
+                _rewind(model, snap)
+            if finetune_fn is not None:
+                finetune_fn(model, t)
+            if rewind == "early" and t == schedule.rewind_step:
+                snaps["early"] = _snapshot(model)
+                if wd is not None:
+                    _save_snapshot(wd / "rewind_early.pt", snaps["early"])
+            metric = _metric(eval_fn(model)) if eval_fn is not None else None
+            macs, params = int(p_entry["macs"]), int(p_entry["params"])
+            entry = {"step": t, "sparsity": s, "macs": macs, "params": params,
+                     "macs_ratio": macs / max(1, pruner.base_macs), "params_ratio": params / max(1, pruner.base_params),
+                     "units_removed": int(p_entry["units_removed"]), "groups_pruned": int(p_entry["groups_pruned"]),
+                     "rewound": snap is not None, "metric": metric, "seconds": time.perf_counter() - t0}
+            if wd is not None:
+                path = save(model, wd / f"step_{t}.safetensors", extra={"step": t, "sparsity": s})
+                entry["checkpoint"] = path.name
+            history.append(entry)
+            if wd is not None:
+                state.update(done=t, checkpoint=path.name, history=history,
+                             pruner_history=json.loads(json.dumps(pruner.history[-t:])))
+                _write_json(wd / STATE_FILE, state)
+            log.info("prune_iteratively step %d/%d: sparsity %.4f, MACs %.4g (%.1f%%), params %.4g, metric %s, %.2fs",
+                     t, n, s, macs, 100 * entry["macs_ratio"], params, metric, entry["seconds"])
+            advance(f"s={s:.3f}")
+            if callback is not None and callback(dict(entry)) is False:
+                log.info("prune_iteratively: callback stopped the run after step %d of %d", t, n)
+                break
+    return model, [dict(e) for e in history]
