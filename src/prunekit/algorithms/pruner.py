@@ -123,6 +123,11 @@ class Pruner:
             self._graph = analyze(self.model, self.example_inputs, self.forward_fn, prune_outputs=self.prune_outputs)
         return self._graph
 
+    def invalidate(self) -> None:
+        """Forget the cached analysis: call after changing the model outside the pruner (e.g. replaying a
+        pruning record when resuming); the next use re-analyses the model as it is."""
+        self._graph = None
+
     def _slots(self) -> list[_Slot]:
         out = []
         for g in self.graph.prunable_groups:

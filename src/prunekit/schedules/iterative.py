@@ -206,7 +206,7 @@ def _restore(pruner: Any, path: Path, start_len: int) -> None:
         raise ResumeError(f"cannot resume from {path}: {e}") from e
     replay_record(model, new)
     model.load_state_dict(ckpt.state_dict)
-    pruner._graph = None  # the cached analysis describes the unpruned model
+    pruner.invalidate()  # the cached analysis describes the unpruned model
 
 
 def _clear(wd: Path) -> None:
