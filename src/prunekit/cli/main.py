@@ -1,106 +1,506 @@
-"""Minimal ``prunekit`` command: analyse a model and prune it uniformly by L2 magnitude, printing the report."""
+"""The ``prunekit`` command: list models, analyse a model's channel groups, prune it to a target.
+
+Every model is built offline with random weights (seeded by --seed), so the numbers are about the
+architecture: MACs, parameters, which channels can go and whether removing them is exact.
+"""
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import logging
+import re
 import sys
-import time
+import traceback
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
 
-import torch
-from torch import nn
+from .common import FAILURE, USAGE, CLIError, Steps, before_after, human
+from .models import FORMS, FORMS_HELP, LoadedModel, list_models, load_model, parse_shape
 
-
-def load_model(spec: str) -> nn.Module:
-    """``timm:NAME``, ``torchvision:NAME`` or ``path/to/file.py:fn``."""
-    kind, _, name = spec.partition(":")
-    if kind == "timm":
-        import timm
-        return timm.create_model(name, pretrained=False)
-    if kind == "torchvision":
-        import torchvision
-        return torchvision.models.get_model(name, weights=None)
-    if spec.count(":") == 1 and kind.endswith(".py"):
-        import importlib.util
-        mod_spec = importlib.util.spec_from_file_location("user_model", kind)
-        mod = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(mod)
-        return getattr(mod, name)()
-    raise SystemExit(f"error: cannot load model {spec!r}; use timm:NAME, torchvision:NAME or path/to/file.py:fn")
+EPILOG = f"""MODEL forms: {FORMS_HELP}.
+Exit codes: 0 done; 1 the run failed (model did not build, target unreachable, pruning failed);
+2 wrong usage (options, config file, model form). Add --debug for a traceback."""
 
 
-def l2_plan(model: nn.Module, graph, ratio: float) -> dict[int, list[int]]:
-    """Drop the ``ratio`` lowest-L2 units of every prunable group (scores summed over the group's slices)."""
-    params = dict(model.named_parameters())
-    plan = {}
-    for g in graph.prunable_groups:
-        n = min(g.size - 1, int(g.size * ratio))
-        if n <= 0:
-            continue
-        score = torch.zeros(g.size)
-        for u in range(g.size):
-            for fqn, dim, idx in g.slices([u]):
-                if fqn in params:
-                    score[u] += params[fqn].detach().index_select(dim, idx).float().pow(2).sum()
-        plan[g.id] = torch.argsort(score)[:n].tolist()
-    return plan
+# ---------------------------------------------------------------------------------------------- parser
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    from ..importance import CRITERIA
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress spinners on stderr")
+    common.add_argument("--verbose", "-v", action="store_true", help="show prunekit's INFO log on stderr")
+    common.add_argument("--debug", action="store_true", help="print tracebacks for errors")
+
+    model_opts = argparse.ArgumentParser(add_help=False)
+    model_opts.add_argument("model", nargs="?", metavar="MODEL", help=FORMS_HELP)
+    model_opts.add_argument("--input-shape", metavar="SHAPE",
+                            help="example input shape, e.g. 1,3,224,224 (default: the timm model's own input size, "
+                                 "1,3,224,224 for images, 1,128 token ids for hf: models); ignored when a "
+                                 "file.py:fn returns its own example inputs")
+    model_opts.add_argument("--seed", type=int, default=0, help="seed for the random weights and inputs (default 0)")
+    model_opts.add_argument("--json", action="store_true", help="print the report as JSON on stdout (nothing else)")
+    model_opts.add_argument("--config", metavar="FILE",
+                            help="YAML or JSON file of options (keys = option names, e.g. flops_target: 0.5, "
+                                 "ignore: [head]); options on the command line override it")
+
+    p = argparse.ArgumentParser(prog="prunekit", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    kw = dict(allow_abbrev=False, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    subs = {}
+
+    s = sub.add_parser("list-models", parents=[common], help="list timm and torchvision models by name pattern", **kw,
+                       description="List the timm and torchvision models prunekit can build (random weights). "
+                                   "Other MODEL forms: hf:CONFIG_DIR_OR_JSON, hf:MODEL_TYPE[,key=value...] "
+                                   "and path/to/file.py:fn.")
+    s.add_argument("pattern", nargs="?", help="fnmatch pattern such as 'resnet*'; without a wildcard, a substring")
+    s.add_argument("--json", action="store_true", help="print {source: [names]} as JSON")
+    subs["list-models"] = s
+
+    s = sub.add_parser("analyze", parents=[model_opts, common], help="show a model's channel groups and costs", **kw,
+                       description="Capture the model once, find every group of channels that must be pruned "
+                                   "together, and say which are prunable and why the others are pinned.")
+    s.add_argument("--groups", action="store_true", help="also list each prunable group's source and dependent "
+                                                         "modules")
+    subs["analyze"] = s
+
+    s = sub.add_parser("prune", parents=[model_opts, common], help="prune a model to a channel ratio or FLOPs target",
+                       **kw, description="Rank units with an importance criterion, remove them, verify the result "
+                                         "and report every changed layer and the MACs/params before and after.")
+    t = s.add_mutually_exclusive_group()
+    t.add_argument("--ratio", type=float, metavar="R",
+                   help="fraction of the units removed, in [0, 1): per group, or of all units with --global")
+    t.add_argument("--flops-target", type=float, metavar="F",
+                   help="fraction of the FLOPs KEPT, in (0, 1]: 0.5 halves the FLOPs")
+    s.add_argument("--global", dest="global_pruning", action="store_true",
+                   help="rank units across all groups (scores normalised per group) instead of the same ratio per "
+                        "group")
+    s.add_argument("--round-to", type=int, default=1, metavar="N", help="kept channels are a multiple of N")
+    s.add_argument("--max-ratio", type=float, default=1.0, metavar="R",
+                   help="remove at most this fraction of any group, in (0, 1] (one unit always stays)")
+    s.add_argument("--ignore", nargs="+", default=[], metavar="PATTERN",
+                   help="module names or fnmatch patterns (e.g. head 'layer4.*') whose output channels are kept")
+    s.add_argument("--criterion", default="l2", metavar="NAME",
+                   help=f"importance criterion: {', '.join(sorted(CRITERIA))} (default l2). The data-driven ones "
+                        "(taylor, taylor_act, hessian) run here on RANDOM inputs with RANDOM labels: a smoke run of "
+                        "the pipeline only, whose ranking means nothing; use the Python API with real data")
+    s.add_argument("--data-batches", type=int, default=2, metavar="N",
+                   help="random batches for the data-driven criteria (default 2)")
+    s.add_argument("--save", metavar="DIR", help="write DIR/model.safetensors (prunekit.save) and DIR/report.json")
+    s.add_argument("--report", metavar="PATH", help="write the JSON report (the --json content) to PATH")
+    s.add_argument("--plot", metavar="DIR", help="write DIR/widths.png and DIR/scores.png (needs matplotlib: "
+                                                 "pip install 'prunekit[viz]')")
+    s.add_argument("--latency", action="store_true", help="measure CPU latency before and after (prunekit.latency)")
+    subs["prune"] = s
+    return p, subs
 
 
-def _changed_layers(before: dict, model: nn.Module) -> list[str]:
-    lines = []
-    for name, m in model.named_modules():
-        if name in before and repr(m) != before[name] and not list(m.children()):
-            lines.append(f"{name}: {before[name]} => {m!r}")
+# ---------------------------------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, subs = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(name)s: %(levelname)s: %(message)s")
+    cmd = {"list-models": cmd_list_models, "analyze": cmd_analyze, "prune": cmd_prune}[args.cmd]
+    try:
+        return cmd(args, subs[args.cmd], argv[argv.index(args.cmd) + 1:])
+    except CLIError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"prunekit {args.cmd}: error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print(f"prunekit {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a library error: its message says what went wrong and what to do
+        if args.debug:
+            traceback.print_exc()
+        print(f"prunekit {args.cmd}: error: {_message(e)}\n(run again with --debug for the traceback)",
+              file=sys.stderr)
+        return FAILURE
+
+
+def _message(e: BaseException) -> str:
+    import prunekit as pk
+    own = (ValueError, pk.PruningError, pk.CaptureError, pk.CheckpointError)
+    return str(e) if isinstance(e, own) and str(e) else f"{type(e).__name__}: {e}"
+
+
+def _emit(report: dict, as_json: bool, text: list[str]) -> None:
+    print(json.dumps(report, indent=2, default=str) if as_json else "\n".join(text))
+
+
+def _versions() -> dict[str, str]:
+    import torch
+
+    import prunekit as pk
+    return {"prunekit_version": pk.__version__, "torch_version": str(torch.__version__)}
+
+
+# ---------------------------------------------------------------------------------------------- list-models
+def cmd_list_models(args, parser, argv) -> int:
+    found = list_models(args.pattern)
+    if not found:
+        raise CLIError("neither timm nor torchvision is installed: pip install 'prunekit[timm]'", FAILURE)
+    other = ["hf:CONFIG_DIR_OR_JSON", "hf:MODEL_TYPE[,key=value...]", "path/to/file.py:fn"]
+    if args.json:
+        print(json.dumps({**found, "other_forms": other}, indent=2))
+        return 0
+    for src, names in found.items():
+        for n in names:
+            print(f"{src}:{n}")
+    total = sum(len(v) for v in found.values())
+    counts = ", ".join(f"{len(v)} {k}" for k, v in found.items())
+    print(f"{total} models ({counts}). Other MODEL forms: {', '.join(other)}.", file=sys.stderr)
+    return 0 if total else FAILURE
+
+
+# ---------------------------------------------------------------------------------------------- shared steps
+def _prepare(args, parser, argv) -> tuple[dict[str, str], tuple[int, ...] | None]:
+    """Merge --config into args; check the options every model command shares."""
+    sources = {}
+    if args.config:
+        from .config import apply_config
+        sources = apply_config(parser, args, argv, args.config)
+    args._sources = sources
+    if not args.model:
+        hint = " (--ignore takes every word after it: put MODEL before --ignore)" if getattr(args, "ignore", None) \
+            else ""
+        raise CLIError(f"no MODEL given{hint}; use one of: {', '.join(FORMS)}")
+    shape = parse_shape(args.input_shape, _where(args, "input_shape")) if args.input_shape else None
+    return sources, shape
+
+
+def _where(args, dest: str) -> str:
+    """How the user named an option: ``--round-to``, or ``'round_to' in cfg.yaml``."""
+    key = getattr(args, "_sources", {}).get(dest)
+    if key is not None:
+        return f"{key!r} in {args.config}"
+    return "--" + {"global_pruning": "global"}.get(dest, dest).replace("_", "-")
+
+
+def _load(args, shape, steps: Steps) -> LoadedModel:
+    import torch
+    torch.manual_seed(args.seed)
+    with steps("build", f"building {args.model}"):
+        try:
+            return load_model(args.model, shape)
+        except CLIError:
+            raise
+        except Exception as e:
+            raise CLIError(f"could not build {args.model!r}: {type(e).__name__}: {e}", FAILURE) from e
+
+
+def _pinned(graph) -> list[dict[str, Any]]:
+    """Pinned groups by reason; block indices in module names are folded (``blocks.3.attn`` -> ``blocks.*.attn``)
+    so that one reason repeated in every block is one row."""
+    by_reason: dict[str, list] = defaultdict(list)
+    for g in graph.groups:
+        if not g.prunable:
+            by_reason[re.sub(r"(?<=[A-Za-z_]\.)\d+(?=\.|\b)", "*", g.reason or "not prunable")].append(g)
+    return [{"reason": r, "count": len(gs), "groups": [g.id for g in gs],
+             "modules": list(dict.fromkeys(m for g in gs for m in g.modules))[:10]}
+            for r, gs in sorted(by_reason.items(), key=lambda kv: -len(kv[1]))]
+
+
+def _pinned_text(pinned: list[dict]) -> list[str]:
+    if not pinned:
+        return ["Pinned groups: none"]
+    lines = [f"Pinned groups: {sum(p['count'] for p in pinned)} (not prunable), by reason:"]
+    for p in pinned:
+        mods = ", ".join(p["modules"][:3]) + (", ..." if len(p["modules"]) > 3 else "")
+        reason = p["reason"] if len(p["reason"]) <= 140 else p["reason"][:137] + "..."
+        lines.append(f"  {p['count']:>4} x {reason}" + (f"  [{mods}]" if mods else ""))
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+# ---------------------------------------------------------------------------------------------- analyze
+def cmd_analyze(args, parser, argv) -> int:
     import prunekit as pk
 
-    p = argparse.ArgumentParser(prog="prunekit", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    for cmd in ("analyze", "prune"):
-        s = sub.add_parser(cmd)
-        s.add_argument("model", help="timm:NAME | torchvision:NAME | path/to/file.py:fn")
-        s.add_argument("--input-shape", default="1,3,224,224")
-        s.add_argument("--json", action="store_true", help="print a JSON report")
-        if cmd == "prune":
-            s.add_argument("--ratio", type=float, default=0.5, help="fraction of units removed per group")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    if a.cmd == "prune" and not 0.0 <= a.ratio < 1.0:
-        p.error(f"--ratio must be in [0, 1), got {a.ratio}")
-    model = load_model(a.model).eval()
-    x = torch.randn(*[int(s) for s in a.input_shape.split(",")])
-    t0 = time.perf_counter()
-    graph = pk.analyze(model, x)
-    t_an = time.perf_counter() - t0
-    report = {"model": a.model, "analysis_seconds": round(t_an, 3), "groups": len(graph.groups),
-              "prunable": len(graph.prunable_groups), "macs": graph.macs(),
-              "params": sum(t.numel() for t in model.parameters()),
-              "prunable_proportion": graph.prunable_proportion}
-    if a.cmd == "analyze":
-        if a.json:
-            print(json.dumps(report, indent=2))
-        else:
-            print(graph.summary())
-            print("\n".join(graph.log_groups()))
-        return 0
-    before = {n: repr(m) for n, m in model.named_modules()}
-    plan = l2_plan(model, graph, a.ratio)
-    macs_after = graph.macs(plan)
-    pk.prune(model, graph, plan)
-    report.update({"macs_after": macs_after, "params_after": sum(t.numel() for t in model.parameters()),
-                   "pinned": {g.id: g.reason for g in graph.groups if not g.prunable}})
-    if a.json:
-        print(json.dumps(report, indent=2, default=str))
-        return 0
-    print("\n".join(_changed_layers(before, model)))
-    print(f"\nMACs: {report['macs'] / 1e9:.4f} G => {macs_after / 1e9:.4f} G")
-    print(f"Params: {report['params'] / 1e6:.4f} M => {report['params_after'] / 1e6:.4f} M")
-    print(f"Groups: {len(graph.groups)} ({len(graph.prunable_groups)} prunable, verified exact where marked exact); "
-          f"analysis {t_an:.2f}s")
+    _, shape = _prepare(args, parser, argv)
+    steps = Steps(enabled=not (args.quiet or args.json))
+    lm = _load(args, shape, steps)
+    with steps("analyze", "analyzing channel groups"):
+        graph = pk.analyze(lm.model, lm.example_inputs)
+    with steps("count", "counting MACs and parameters"):
+        stats = pk.count(graph)
+        proportion = graph.prunable_proportion
+    pinned = _pinned(graph)
+    report = {
+        **_versions(), "command": "analyze", "model": args.model, "model_class": type(lm.model).__name__,
+        "input": lm.input_desc, "seed": args.seed, "analysis_seconds": round(graph.analysis_seconds, 3),
+        "groups": {"total": len(graph.groups), "prunable": len(graph.prunable_groups),
+                   "exact": sum(1 for g in graph.prunable_groups if g.exact),
+                   "pinned": len(graph.groups) - len(graph.prunable_groups)},
+        "macs": stats.macs, "flops": stats.flops, "params": stats.params,
+        "prunable_proportion": proportion, "pinned_groups": pinned, "unsupported_ops": graph.unsupported_ops,
+        "group_list": [{"id": g.id, "unit": g.unit, "size": g.size, "prunable": g.prunable, "exact": g.exact,
+                        "reason": g.reason, "source": g.source, "modules": g.modules} for g in graph.groups],
+        "timings_s": steps.times,
+    }
+    text = [f"{args.model} ({type(lm.model).__name__}), input {lm.input_desc}", "", graph.summary(), "",
+            f"MACs {human(stats.macs)}, FLOPs {human(stats.flops)}, params {human(stats.params)}",
+            f"Prunable proportion: {proportion:.1%} of the FLOPs can be removed (every prunable group down to "
+            "one unit)", *_pinned_text(pinned), f"Analysis time: {graph.analysis_seconds:.2f} s"]
+    if args.groups:
+        text += ["", "Prunable groups:", *("  " + line for line in graph.log_groups(logging.DEBUG))]
+    _emit(report, args.json, text)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- prune
+def _check_prune_options(args) -> Any:
+    """Range checks, naming the option (or config key) at fault; returns the target."""
+    import prunekit as pk
+    from ..importance import CRITERIA
+
+    if args.ratio is None and args.flops_target is None:
+        raise CLIError("prune needs a target: --ratio R (fraction of units removed) or --flops-target F "
+                       "(fraction of FLOPs kept)")
+    if args.ratio is not None and args.flops_target is not None:  # only possible through a config file
+        raise CLIError(f"give either {_where(args, 'ratio')} or {_where(args, 'flops_target')}, not both")
+    checks = [
+        ("ratio", args.ratio is None or 0.0 <= args.ratio < 1.0, "must be in [0, 1) (the fraction of units removed)"),
+        ("flops_target", args.flops_target is None or 0.0 < args.flops_target <= 1.0,
+         "must be in (0, 1] (the fraction of FLOPs kept)"),
+        ("max_ratio", 0.0 < args.max_ratio <= 1.0, "must be in (0, 1]"),
+        ("round_to", args.round_to >= 1, "must be a positive integer"),
+        ("data_batches", args.data_batches >= 1, "must be a positive integer"),
+    ]
+    for dest, ok, what in checks:
+        if not ok:
+            raise CLIError(f"{_where(args, dest)} {what}, got {getattr(args, dest)}")
+    name = args.criterion.strip().lower().replace("-", "_")
+    try:
+        args.criterion_obj = pk.get_criterion(name)
+    except ValueError:
+        raise CLIError(f"{_where(args, 'criterion')}: unknown criterion {args.criterion!r}; choose one of "
+                       f"{', '.join(sorted(CRITERIA))}") from None
+    if args.ratio is not None:
+        return pk.ChannelRatio(args.ratio)
+    return pk.FlopsTarget(args.flops_target)
+
+
+def _random_data(model, x, n: int):
+    """Random batches shaped like ``x`` with random labels, and a loss: for a smoke run of data criteria."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils._pytree import tree_map
+
+    from ..capture.tape import call_model, flatten_outputs
+
+    def first_float(out):
+        ts = [t for t in flatten_outputs(out)[0] if t.is_floating_point()]
+        if not ts:
+            raise CLIError("data-driven criteria need a floating-point model output; use --criterion l2", FAILURE)
+        return ts[0]
+
+    def rand_like(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        if t.is_floating_point():
+            return torch.randn_like(t)
+        if t.dtype == torch.bool:
+            return t.clone()
+        return torch.randint_like(t, 0, max(2, int(t.max()) + 1))
+
+    with torch.no_grad():
+        out = first_float(call_model(model, x))
+    classes = out.shape[-1] if out.dim() == 2 else None
+    batches = [(tree_map(rand_like, x), torch.randint(0, classes, (out.shape[0],)) if classes else None)
+               for _ in range(n)]
+
+    def loss_fn(m, batch):
+        xb, yb = batch
+        o = first_float(call_model(m, xb))
+        return F.cross_entropy(o, yb) if yb is not None else o.float().pow(2).mean()
+    return batches, loss_fn
+
+
+def _snapshot(model) -> dict[str, tuple[str | None, dict[str, tuple]]]:
+    """{module name: (repr if a leaf, {own param name: shape})}."""
+    return {n: (None if any(True for _ in m.children()) else repr(m),
+                {p: tuple(t.shape) for p, t in m.named_parameters(recurse=False)})
+            for n, m in model.named_modules()}
+
+
+def _changed_layers(before: dict, model) -> list[dict[str, str]]:
+    """Every leaf whose repr changed, and every module whose own parameters changed shape although its repr
+    did not (LayerScale gamma, cls_token, ...)."""
+    after = _snapshot(model)
+    out = []
+    for name, (rep, shapes) in before.items():
+        if name not in after:
+            continue
+        rep2, shapes2 = after[name]
+        label = name or "<root>"
+        if rep is not None and rep != rep2:
+            out.append({"name": label, "before": rep, "after": rep2})
+        elif shapes != shapes2:
+            diff = [p for p in shapes if shapes2.get(p) != shapes[p]]
+            out.append({"name": label, "before": ", ".join(f"{p}: {list(shapes[p])}" for p in diff),
+                        "after": ", ".join(f"{p}: {list(shapes2.get(p, ()))}" for p in diff)})
+    return out
+
+
+def _widths(model) -> dict[str, int]:
+    out = {}
+    for n, m in model.named_modules():
+        w = getattr(m, "out_channels", None) or getattr(m, "out_features", None)
+        if isinstance(w, int) and hasattr(m, "weight"):
+            out[n] = w
+    return out
+
+
+def _output_shapes(model, x) -> list[list[int]]:
+    import torch
+
+    from ..capture.tape import call_model, flatten_outputs
+    with torch.no_grad():
+        return [list(t.shape) for t in flatten_outputs(call_model(model, x))[0]]
+
+
+def cmd_prune(args, parser, argv) -> int:
+    import torch
+
+    import prunekit as pk
+
+    sources, shape = _prepare(args, parser, argv)
+    target = _check_prune_options(args)
+    if args.plot:
+        from .plot import require_matplotlib
+        require_matplotlib()  # fail before the work, not after
+    steps = Steps(enabled=not (args.quiet or args.json))
+    lm = _load(args, shape, steps)
+    model, x = lm.model, lm.example_inputs
+    names = [n for n, _ in model.named_modules()]
+    unmatched = [p for p in args.ignore if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        print(f"prunekit prune: warning: --ignore {' '.join(unmatched)} matches no module of {args.model} "
+              f"(module names look like {', '.join(n for n in names[1:4])})", file=sys.stderr)
+    crit = args.criterion_obj
+    data = loss_fn = None
+    if crit.needs_data:
+        print(f"prunekit prune: warning: criterion {crit.name!r} is scored on {args.data_batches} RANDOM batches "
+              "with random labels: a smoke run only; use the Python API with real data for a real ranking",
+              file=sys.stderr)
+        data, loss_fn = _random_data(model, x, args.data_batches)
+
+    snap, widths_before = _snapshot(model), _widths(model)
+    shapes_before = _output_shapes(model, x)
+    with steps("analyze", "analyzing channel groups"):
+        pruner = pk.Pruner(model, x, crit, target, global_pruning=args.global_pruning, round_to=args.round_to,
+                           max_ratio=args.max_ratio, ignore=args.ignore, data=data, loss_fn=loss_fn)
+        graph = pruner.graph
+    with steps("count_before", "counting MACs and parameters"):
+        stats_before = pk.count(graph)
+        proportion = pruner.prunable_proportion
+    lat_before = None
+    if args.latency:
+        with steps("latency_before", "measuring latency (before)"):
+            lat_before = pk.latency(model, x)
+    scores = None
+    if args.plot:
+        with steps("score", f"scoring units ({crit.name})"):
+            scores = pruner.scores()
+    with steps("plan", f"scoring ({crit.name}) and planning {target}"):
+        try:
+            plan = pruner.plan()
+        except ValueError as e:
+            raise CLIError(str(e), FAILURE) from e
+    n_units = sum(len(u) for u in plan.values())
+    pruned_groups = [graph.group(gid) for gid in plan]
+    with steps("prune", f"removing {n_units} units from {len(plan)} groups (verified by prunekit.prune)"):
+        pk.prune(model, graph, plan)
+    with steps("verify", "checking the pruned model and counting"):
+        shapes_after = _output_shapes(model, x)
+        if shapes_after != shapes_before:
+            raise CLIError(f"the pruned model's output shapes changed: {shapes_before} -> {shapes_after}", FAILURE)
+        stats_after = pk.count(model, x)
+    lat_after = None
+    if args.latency:
+        with steps("latency_after", "measuring latency (after)"):
+            lat_after = pk.latency(model, x)
+
+    changed = _changed_layers(snap, model)
+    pinned = _pinned(graph)
+    exact = sum(1 for g in pruned_groups if g.exact)
+    before = {"macs": stats_before.macs, "flops": stats_before.flops, "params": stats_before.params}
+    after = {"macs": stats_after.macs, "flops": stats_after.flops, "params": stats_after.params}
+    if lat_before is not None:
+        before["latency_ms"], after["latency_ms"] = lat_before.median_ms, lat_after.median_ms
+    options = {"ratio": args.ratio, "flops_target": args.flops_target, "global": args.global_pruning,
+               "round_to": args.round_to, "max_ratio": args.max_ratio, "ignore": list(args.ignore),
+               "criterion": crit.name, "input_shape": list(shape) if shape else None, "seed": args.seed,
+               "latency": args.latency, "data_batches": args.data_batches if crit.needs_data else None}
+    report: dict[str, Any] = {
+        **_versions(), "command": "prune", "model": args.model, "model_class": type(model).__name__,
+        "input": lm.input_desc, "target": repr(target), "options": options, "config_file": args.config,
+        "options_from_config": sorted(sources.values()),
+        "before": before, "after": after,
+        "kept": {k: (after[k] / before[k] if before[k] else None) for k in before},
+        "prunable_proportion": proportion,
+        "groups": {"total": len(graph.groups), "prunable": len(graph.prunable_groups), "pruned": len(plan),
+                   "pinned": len(graph.groups) - len(graph.prunable_groups)},
+        "units_removed": n_units, "changed_layers": changed, "pinned_groups": pinned,
+        "verification": {"passed": True, "output_shapes": shapes_after, "exact_groups": exact,
+                         "shape_checked_groups": len(pruned_groups) - exact},
+        "timings_s": steps.times, "saved": None, "plots": [],
+    }
+    if args.plot:
+        from .plot import plot_scores, plot_widths
+        out = Path(args.plot)
+        out.mkdir(parents=True, exist_ok=True)
+        titles = {g.id: f"group {g.id} " + (g.source[0] if g.source else g.modules[0]) for g in graph.groups}
+        report["plots"] = [str(plot_widths(widths_before, _widths(model), out / "widths.png")),
+                           str(plot_scores(scores, plan, titles, out / "scores.png"))]
+    if args.save:
+        out = Path(args.save)
+        out.mkdir(parents=True, exist_ok=True)
+        report["saved"] = str(pk.save(model, out / "model.safetensors"))
+        (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps(report, indent=2, default=str))
+    _emit(report, args.json, _prune_text(args, lm, report, target))
+    return 0
+
+
+def _prune_text(args, lm: LoadedModel, r: dict, target) -> list[str]:
+    o = r["options"]
+    mode = "global" if o["global"] else "local"
+    text = [f"Pruning {args.model} ({r['model_class']}), input {lm.input_desc}: {target}, {mode}, "
+            f"criterion {o['criterion']}, round_to {o['round_to']}, max_ratio {o['max_ratio']}"
+            + (f", ignore {' '.join(o['ignore'])}" if o["ignore"] else ""), ""]
+    text += [f"{c['name']}: {c['before']} => {c['after']}" for c in r["changed_layers"]]
+    text += [f"({len(r['changed_layers'])} layers changed)", ""]
+    b, a = r["before"], r["after"]
+    text += [before_after("MACs", b["macs"], a["macs"]), before_after("FLOPs", b["flops"], a["flops"]),
+             before_after("Params", b["params"], a["params"])]
+    if "latency_ms" in b:
+        text.append(before_after("Latency", b["latency_ms"], a["latency_ms"], fmt=lambda v: f"{v:.2f} ms"))
+    g = r["groups"]
+    text += ["", f"Groups: {g['total']} total, {g['prunable']} prunable, {g['pruned']} pruned "
+                 f"({r['units_removed']} units removed); prunable proportion {r['prunable_proportion']:.1%} of FLOPs"]
+    text += _pinned_text(r["pinned_groups"])
+    v = r["verification"]
+    text.append(f"Verification: passed (output shapes unchanged {v['output_shapes']}; {v['exact_groups']} pruned "
+                f"groups equal the masked original, {v['shape_checked_groups']} under channel-mixing ops "
+                "shape-checked)")
+    if r["saved"]:
+        text.append(f"Saved: {r['saved']} and {Path(args.save) / 'report.json'} (rebuild with prunekit.load(path, "
+                    "build_original_model))")
+    if args.report:
+        text.append(f"Report: {args.report}")
+    if r["plots"]:
+        text.append(f"Plots: {', '.join(r['plots'])}")
+    t = r["timings_s"]
+    text.append("Time: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items()))
+    return text
 
 
 if __name__ == "__main__":

@@ -1,0 +1,207 @@
+"""Building the model a command works on from its MODEL argument, always offline with random weights.
+
+Forms (also listed by ``prunekit list-models``):
+
+* ``timm:NAME``                 ``timm.create_model(NAME, pretrained=False)``
+* ``torchvision:NAME``          ``torchvision.models.get_model(NAME, weights=None)``
+* ``hf:DIR`` / ``hf:FILE.json``  a local transformers config; ``AutoModel.from_config`` (random weights)
+* ``hf:TYPE[,key=value...]``    ``AutoConfig.for_model(TYPE)`` shrunk to a tiny preset (2 layers, hidden
+                                size 128, 4 heads, vocab 1000), then the ``key=value`` overrides
+* ``path/to/file.py:fn``        ``fn()`` returns a model, or ``(model, example_inputs)``
+"""
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .common import FAILURE, USAGE, CLIError
+
+FORMS = ("timm:NAME", "torchvision:NAME", "hf:CONFIG_DIR_OR_JSON", "hf:MODEL_TYPE[,key=value...]",
+         "path/to/file.py:fn")
+FORMS_HELP = ("timm:NAME | torchvision:NAME | hf:CONFIG_DIR_OR_JSON | hf:MODEL_TYPE[,key=value...] | "
+              "path/to/file.py:fn (fn returns a model or (model, example_inputs))")
+
+# hf:MODEL_TYPE builds this tiny version of the type's default config (keys the config does not have are skipped)
+HF_TINY = {"num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "vocab_size": 1000, "n_layer": 2, "n_embd": 128, "n_head": 4,
+           "n_inner": 256, "d_model": 128, "num_layers": 2, "d_ff": 256, "num_heads": 4, "d_kv": 32}
+DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
+DEFAULT_TOKEN_SHAPE = (1, 128)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    example_inputs: Any
+    kind: str  # "timm" | "torchvision" | "hf" | "file"
+    input_desc: str  # e.g. "float32[1, 3, 224, 224]"
+
+
+def parse_shape(text: Any, where: str = "--input-shape") -> tuple[int, ...]:
+    """``"1,3,224,224"`` (or ``1x3x224x224``, or a list of ints from a config file) -> a tuple of ints."""
+    if isinstance(text, (list, tuple)):
+        parts = list(text)
+    else:  # "1,3,224,224" or "1x3x224x224"; an empty part (a stray separator) is an error below
+        parts = [p.strip() for p in re.split(r"[,x]", str(text).strip())]
+    try:
+        shape = tuple(int(p) for p in parts if not isinstance(p, (bool, float)))
+    except (TypeError, ValueError):
+        shape = ()
+    if not shape or len(shape) != len(parts) or any(s <= 0 for s in shape):
+        raise CLIError(f"{where} must be positive integers separated by commas, like 1,3,224,224 (images) or "
+                       f"1,128 (token ids), got {text!r}")
+    return shape
+
+
+def describe_inputs(x: Any) -> str:
+    from torch.utils._pytree import tree_flatten
+    flat, _ = tree_flatten(x)
+    return ", ".join(f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}" for t in flat
+                     if isinstance(t, torch.Tensor)) or type(x).__name__
+
+
+def load_model(spec: str, input_shape: tuple[int, ...] | None) -> LoadedModel:
+    """Build ``spec`` (see the module docstring) and its example inputs (random, of ``input_shape``)."""
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in ("timm", "torchvision", "hf"):
+        if not rest:
+            raise CLIError(f"model {spec!r}: nothing after '{kind}:'; use one of: {', '.join(FORMS)}")
+        builder = {"timm": _timm, "torchvision": _torchvision, "hf": _hf}[kind]
+        model, x = builder(rest, input_shape)
+    else:
+        path, sep, fn = spec.rpartition(":")
+        if not sep or not path.endswith(".py") or not fn:
+            hint = f" (did you mean timm:{spec} or torchvision:{spec}?)" if re.fullmatch(r"[\w\-]+", spec) else ""
+            raise CLIError(f"cannot tell what model {spec!r} is{hint}; use one of: {', '.join(FORMS)}", USAGE)
+        model, x = _from_file(Path(path), fn, input_shape)
+        kind = "file"
+    model.eval()
+    return LoadedModel(model, x, kind, describe_inputs(x))
+
+
+def _image_input(shape: tuple[int, ...] | None, default: tuple[int, ...] = DEFAULT_IMAGE_SHAPE) -> torch.Tensor:
+    return torch.randn(*(shape or default))
+
+
+def _timm(name: str, shape):
+    try:
+        import timm
+    except ImportError:
+        raise CLIError("timm: models need the timm package: pip install 'prunekit[timm]'", FAILURE) from None
+    try:
+        model = timm.create_model(name, pretrained=False)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise CLIError(f"timm has no model {name!r}; see `prunekit list-models '*{name}*'`", FAILURE) from None
+        raise
+    if shape is None:  # the model's own default resolution, batch 1
+        size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", DEFAULT_IMAGE_SHAPE[1:]))
+        shape = (1, *size)
+    return model, _image_input(shape)
+
+
+def _torchvision(name: str, shape):
+    try:
+        import torchvision
+    except ImportError:
+        raise CLIError("torchvision: models need the torchvision package: pip install torchvision", FAILURE) from None
+    try:
+        model = torchvision.models.get_model(name, weights=None)
+    except ValueError as e:
+        if "Unknown model" in str(e):
+            raise CLIError(f"torchvision has no model {name!r}; see `prunekit list-models '*{name}*'`",
+                           FAILURE) from None
+        raise
+    return model, _image_input(shape)
+
+
+def _hf(rest: str, shape):
+    try:
+        from transformers import AutoConfig, AutoModel
+    except ImportError:
+        raise CLIError("hf: models need the transformers package: pip install 'prunekit[hf]'", FAILURE) from None
+    path = Path(rest)
+    if path.is_dir():
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    elif path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise CLIError(f"hf:{rest}: no such config file", FAILURE)
+        d = json.loads(path.read_text())
+        if not isinstance(d, dict) or "model_type" not in d:
+            raise CLIError(f"hf:{rest}: a transformers config JSON needs a \"model_type\" key (e.g. \"llama\")",
+                           FAILURE)
+        config = AutoConfig.for_model(d.pop("model_type"), **d)
+    else:
+        mtype, *pairs = [p.strip() for p in rest.split(",")]
+        over = {}
+        for p in pairs:
+            k, eq, v = p.partition("=")
+            if not eq or not k:
+                raise CLIError(f"hf:{rest}: expected key=value after the model type, got {p!r} "
+                               "(e.g. hf:llama,hidden_size=256,num_hidden_layers=4)")
+            try:
+                over[k] = json.loads(v)
+            except ValueError:
+                over[k] = v
+        try:
+            base = AutoConfig.for_model(mtype).to_dict()
+        except ValueError:
+            raise CLIError(f"hf:{mtype}: not a transformers model type (e.g. llama, bert, gpt2, mistral, qwen2) "
+                           "nor an existing config directory or JSON file", FAILURE) from None
+        tiny = {k: v for k, v in HF_TINY.items() if k in base}
+        config = AutoConfig.for_model(mtype, **{**tiny, **over})
+    model = AutoModel.from_config(config)
+    vocab = int(getattr(config, "vocab_size", None) or 1000)
+    return model, torch.randint(0, vocab, shape or DEFAULT_TOKEN_SHAPE)
+
+
+def _from_file(path: Path, fn: str, shape):
+    if not path.is_file():
+        raise CLIError(f"model file {str(path)!r} does not exist", FAILURE)
+    name = f"_prunekit_user_model_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.resolve().parent))  # let the file import its neighbours
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.pop(0)
+    if not callable(getattr(mod, fn, None)):
+        fns = sorted(k for k, v in vars(mod).items() if callable(v) and not k.startswith("_"))
+        raise CLIError(f"{path} has no function {fn!r}; callables there: {', '.join(fns) or 'none'}", FAILURE)
+    out = getattr(mod, fn)()
+    if isinstance(out, nn.Module):
+        return out, _image_input(shape)
+    if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], nn.Module):
+        return out[0], out[1]
+    raise CLIError(f"{path}:{fn}() returned {type(out).__name__}; it must return an nn.Module or "
+                   "(model, example_inputs)", FAILURE)
+
+
+def list_models(pattern: str | None) -> dict[str, list[str]]:
+    """{"timm": [...], "torchvision": [...]} matching ``pattern`` (fnmatch; no wildcard = substring)."""
+    pat = pattern or "*"
+    if not any(c in pat for c in "*?["):
+        pat = f"*{pat}*"
+    found: dict[str, list[str]] = {}
+    try:
+        import timm
+        found["timm"] = list(timm.list_models(pat))
+    except ImportError:
+        pass
+    try:
+        import torchvision
+        names = torchvision.models.list_models(module=torchvision.models)
+        found["torchvision"] = sorted(n for n in names if fnmatch.fnmatchcase(n, pat))
+    except ImportError:
+        pass
+    return found
