@@ -25,3 +25,6 @@ __all__ += ["ChannelRatio", "FlopsTarget", "LatencyTarget", "ParamsTarget", "Pru
 from .schedules import AGP, Geometric, Linear, LotteryTicket, OneShot, get_schedule, prune_iteratively  # noqa: E402
 
 __all__ += ["AGP", "Geometric", "Linear", "LotteryTicket", "OneShot", "get_schedule", "prune_iteratively"]
+from .algorithms import TrainingPruner, keep_masked, masked_to_pruned, rebuild_optimizer  # noqa: E402
+
+__all__ += ["TrainingPruner", "keep_masked", "masked_to_pruned", "rebuild_optimizer"]
