@@ -152,3 +152,19 @@ def test_pruner_on_tricky_models(name):
     p = pk.Pruner(model, x, "l2", pk.FlopsTarget(0.7), global_pruning=True)
     p.prune()
     assert p.graph.macs() <= p.base_macs * 0.7 * 1.0001 or p.prunable_proportion < 0.3
+
+
+@pytest.mark.parametrize("attention", ["head_dim", "heads"])
+def test_channel_ratio_on_attention_does_not_compound(attention):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    heads_before = model.blocks[0].attn.num_heads
+    pk.Pruner(model, x, "l2", 0.5, attention=attention).prune()
+    attn = model.blocks[0].attn
+    if attention == "heads":  # 3 heads x 64: half of 3 heads (rounded) go, head_dim untouched
+        assert attn.num_heads == 1 and attn.head_dim == 64 and attn.qkv.out_features == 3 * 64
+    else:  # half of the 192-wide attention, not a quarter
+        assert attn.num_heads == heads_before and attn.head_dim == 32 and attn.qkv.out_features == 3 * 96
+    assert model(x).shape == (1, 10)

@@ -70,13 +70,17 @@ class Pruner:
         ignore: modules (objects or fnmatch name patterns) whose output channels are never pruned.  The
             channels that reach the model's outputs are never pruned anyway (see ``prune_outputs``).
         data, loss_fn: batches and loss for data-driven criteria (taylor, hessian, ...).
+        attention: where an attention has both a heads group and a head_dim group, prune "head_dim" (keep
+            every head, narrower heads; the default, as Torch-Pruning does), "heads" (drop whole heads) or
+            "both" (both factors are ranked and pruned: with a channel ratio the widths compound).
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any = None, criterion: Any = "l2", target: Any = 0.5, *,
                  forward_fn: Callable | None = None, global_pruning: bool = False, round_to: int = 1,
                  max_ratio: float = 1.0, ratios: Mapping[Any, float] | None = None,
                  ignore: Iterable[Any] | None = None, data: Any = None, loss_fn: Callable | None = None,
-                 prune_outputs: bool = False, verify: bool = True, criterion_kwargs: Mapping | None = None):
+                 prune_outputs: bool = False, verify: bool = True, criterion_kwargs: Mapping | None = None,
+                 attention: str = "head_dim"):
         from ..importance import get_criterion
 
         if not isinstance(model, nn.Module):
@@ -87,6 +91,9 @@ class Pruner:
             raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
         if not 0.0 < float(max_ratio) <= 1.0:
             raise ValueError(f"max_ratio must be in (0, 1], got {max_ratio!r}")
+        if attention not in ("head_dim", "heads", "both"):
+            raise ValueError(f"attention must be 'head_dim', 'heads' or 'both', got {attention!r}")
+        self.attention = attention
         self.model = model
         self.example_inputs = example_inputs
         self.forward_fn = forward_fn
@@ -141,6 +148,15 @@ class Pruner:
             s = _Slot(g, orig, min_keep, step, ratio)
             s.min_keep = min(s.round_keep(min_keep), g.size)
             out.append(s)
+        if self.attention != "both":
+            # heads x head_dim of one attention are two groups over the same weights: a local ratio applied to
+            # both would compound (50% of heads x 50% of head_dim = 75% of the width); prune one factor only
+            dims = {id(sl): {(m.fqn, m.dim) for m in sl.group.members} for sl in out}
+            drop = "head" if self.attention == "head_dim" else "head_dim"
+            keep = "head_dim" if drop == "head" else "head"
+            partners = [sl for sl in out if sl.group.unit == keep]
+            out = [sl for sl in out if sl.group.unit != drop
+                   or not any(dims[id(sl)] & dims[id(p)] for p in partners)]
         return out
 
     @property
@@ -196,7 +212,8 @@ class Pruner:
             raise ValueError(
                 f"{type(t).__name__}({t.ratio}) is not reachable: with the current constraints at most "
                 f"{self.prunable_proportion:.1%} of the model's {t.kind} can be removed (ignored modules, "
-                f"max_ratio={self.max_ratio}, round_to={self.round_to}, pinned groups: see graph.summary()). "
+                f"max_ratio={self.max_ratio}, round_to={self.round_to}, pinned groups: see graph.summary() or "
+                "`prunekit analyze MODEL`). "
                 "Relax the constraints or choose a larger ratio.")
         lo, hi = 0, knob.hi  # smallest knob position whose value meets the goal
         if knob.continuous:
@@ -226,7 +243,7 @@ class Pruner:
                     r = s if sl.ratio is None else sl.ratio * (s / final if final else 1.0)
                 else:
                     r = frac if sl.ratio is None else sl.ratio
-                kept[sl.group.id] = sl.round_keep(sl.orig - round(sl.orig * min(r, 1.0)))
+                kept[sl.group.id] = sl.round_keep(sl.orig - math.floor(sl.orig * min(r, 1.0) + 0.5))
             return kept
         knob.hi, knob.continuous = 1.0, True
         return knob
