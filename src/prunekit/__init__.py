@@ -28,3 +28,6 @@ __all__ += ["AGP", "Geometric", "Linear", "LotteryTicket", "OneShot", "get_sched
 from .algorithms import TrainingPruner, keep_masked, masked_to_pruned, rebuild_optimizer  # noqa: E402
 
 __all__ += ["TrainingPruner", "keep_masked", "masked_to_pruned", "rebuild_optimizer"]
+from .algorithms import AdaptivePruner  # noqa: E402
+
+__all__ += ["AdaptivePruner"]

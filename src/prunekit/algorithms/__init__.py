@@ -10,3 +10,6 @@ from .training import MaskHook, TrainingPruner, keep_masked, masked_to_pruned  #
 
 __all__ += ["BNSlimming", "ChannelReg", "GroupLasso", "GrowingReg", "MaskHook", "Regularizer", "TrainingPruner",
             "keep_masked", "l2_histograms", "masked_to_pruned", "rebuild_optimizer", "remember_param_names"]
+from .adaptive import AdaptivePruner  # noqa: E402
+
+__all__ += ["AdaptivePruner"]
