@@ -491,10 +491,17 @@ def summary_line(s: dict) -> str:
     return line
 
 
+def _atomic_write(path: Path, text: str) -> None:
+    """Write via a temporary file so an interrupted run never leaves a truncated result (``--resume`` reads it)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_outputs(results, meta, do_tp, out_json: Path, out_md: Path) -> dict:
     summ = summarize(results, do_tp)
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps({"meta": meta, "summary": summ, "results": results}, indent=1))
+    _atomic_write(out_json, json.dumps({"meta": meta, "summary": summ, "results": results}, indent=1))
     hdr = ["model", "family", "params (M)", "input", "analysis (s)", "groups", "prunable", "exact",
            "prunable FLOPs", "MACs kept", "status"]
     if do_tp:
@@ -527,7 +534,7 @@ def write_outputs(results, meta, do_tp, out_json: Path, out_md: Path) -> dict:
         if do_tp:
             row += [str(r.get("tp_analysis_s", "")), _fmt_status(r.get("tp_status", ""), 90)]
         lines.append("| " + " | ".join(row) + " |")
-    out_md.write_text("\n".join(lines) + "\n")
+    _atomic_write(out_md, "\n".join(lines) + "\n")
     return summ
 
 
@@ -547,6 +554,8 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS / "coverage"), help="output path without extension")
     ap.add_argument("--resume", action="store_true",
                     help="keep the results already in the output JSON and run only the missing models")
+    ap.add_argument("--tp-from", help="reuse Torch-Pruning results (tp_* fields) for models already in this earlier "
+                                      "coverage JSON (TP's result does not depend on prunekit's code)")
     args = ap.parse_args(argv)
 
     import timm
@@ -586,6 +595,14 @@ def main(argv=None):
         meta["previous_run"] = old.get("meta")
         meta["resumed_models"] = sum(1 for x in slots if x is not None)
         print(f"resuming: {meta['resumed_models']} results kept", flush=True)
+    tp_cache: dict = {}
+    if args.tp_from and args.torch_pruning:
+        prev = json.loads(Path(args.tp_from).read_text())
+        tp_cache = {r["model"]: {k: v for k, v in r.items() if k.startswith("tp_")}
+                    for r in prev.get("results", []) if str(r.get("tp_status", "")) and
+                    not str(r.get("tp_status", "")).startswith("n/a")}
+        meta["tp_reused_from"] = {"path": args.tp_from, "torch_pruning": prev.get("meta", {}).get("torch_pruning"),
+                                  "date": prev.get("meta", {}).get("date"), "models": len(tp_cache)}
     todo = queue.Queue()
     for i, name in enumerate(names):
         if slots[i] is None:
@@ -596,14 +613,21 @@ def main(argv=None):
     t_start = time.perf_counter()
 
     def drive():
-        worker = Worker(args.torch_pruning, threads)
+        workers: dict = {}
         try:
             while True:
                 try:
                     i, name = todo.get_nowait()
                 except queue.Empty:
                     return
-                r = worker.run({"model": name, "seed": args.seed, "max_params": args.max_params}, args.timeout)
+                with_tp = args.torch_pruning and name not in tp_cache
+                if with_tp not in workers:
+                    workers[with_tp] = Worker(with_tp, threads)
+                r = workers[with_tp].run({"model": name, "seed": args.seed, "max_params": args.max_params},
+                                         args.timeout)
+                if args.torch_pruning and name in tp_cache:
+                    r.update(tp_cache[name])
+                    r["tp_reused"] = True
                 r["family"] = fam.get(name, "?")
                 with lock:
                     slots[i] = r
@@ -615,7 +639,8 @@ def main(argv=None):
                           flush=True)
                     write_outputs([x for x in slots if x is not None], meta, args.torch_pruning, out_json, out_md)
         finally:
-            worker.stop()
+            for w in workers.values():
+                w.stop()
 
     atexit.register(_kill_all_workers)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

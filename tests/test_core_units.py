@@ -518,3 +518,28 @@ def test_mask_rejects_pinned_group(tiny):
     pinned = [g for g in graph.groups if not g.prunable][0]
     with pytest.raises(pk.PruningError):
         pk.mask(model, graph, {pinned.id: [0]})
+
+
+def test_mask_twice_unmask_restores_values_at_mask_time():
+    import prunekit as pk
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU(), torch.nn.Conv2d(6, 2, 3)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    graph = pk.analyze(model, x)
+    gid = graph.prunable_groups[0].id
+    pk.mask(model, graph, {gid: [0]})
+    with torch.no_grad():
+        model[0].weight[1].fill_(7.0)  # training moved unit 1 before it was masked
+    pk.mask(model, graph, {gid: [1]})
+    assert model[0].weight[1].abs().sum() == 0
+    pk.unmask(model)
+    assert torch.all(model[0].weight[1] == 7.0)
+
+
+def test_mask_refuses_graph_of_another_model():
+    import prunekit as pk
+    a = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.Conv2d(6, 2, 3))
+    b = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.Conv2d(6, 2, 3))
+    graph = pk.analyze(a, torch.randn(1, 3, 8, 8))
+    with pytest.raises(pk.PruningError, match="different model"):
+        pk.mask(b, graph, {graph.prunable_groups[0].id: [0]})

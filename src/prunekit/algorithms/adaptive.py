@@ -51,7 +51,7 @@ from torch import nn
 
 from ..capture.tape import call_model, eval_mode, flatten_outputs
 from ..io.checkpoint import CheckpointError, atomic_path, load, save
-from ..surgery import RECORD_ATTR, prune as _prune, replay_record
+from ..surgery import RECORD_ATTR, prune as _prune, pruned_copy, replay_record
 from .pruner import Pruner, _Slot, group_key
 from .targets import FlopsTarget, LatencyTarget, ParamsTarget
 
@@ -472,14 +472,7 @@ class AdaptivePruner:
     # ------------------------------------------------------------------ candidates
     def _pruned_copy(self, graph, plan: Mapping[int, list[int]], verify: bool = True) -> nn.Module:
         """A deep copy of the model with ``plan`` removed, reusing the current analysis (same structure)."""
-        trial = copy.deepcopy(self.model)
-        ref, stale = graph.model_ref, graph.stale
-        try:
-            graph.model_ref = trial
-            _prune(trial, graph, plan, verify=verify)
-        finally:
-            graph.model_ref, graph.stale = ref, stale
-        return trial
+        return pruned_copy(self.model, graph, plan, verify=verify)
 
     def _units(self, slots: list[_Slot]) -> list[tuple[str, list[_Slot]]]:
         """(name, slots) per candidate: one per group, or one per block of consecutive groups."""

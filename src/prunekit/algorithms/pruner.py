@@ -8,7 +8,6 @@ global ranking prefix), exact within one ``round_to`` step.
 """
 from __future__ import annotations
 
-import copy
 import fnmatch
 import logging
 import math
@@ -21,6 +20,7 @@ from torch import nn
 from ..graph import PruneGraph, analyze
 from ..spaces.graph import Group
 from ..surgery import prune as _prune
+from ..surgery import pruned_copy
 from .targets import ChannelRatio, Target, as_target
 
 log = logging.getLogger("prunekit.pruner")
@@ -305,13 +305,7 @@ class Pruner:
         plan = {gid: graph.group(gid).size - k for gid, k in kept.items() if graph.group(gid).size > k}
         if not plan:
             return self._measure(self.model)
-        trial = copy.deepcopy(self.model)
-        ref, stale = graph.model_ref, graph.stale
-        try:  # the copy has the same structure: reuse this analysis for it
-            graph.model_ref = trial
-            _prune(trial, graph, {gid: list(range(n)) for gid, n in plan.items()}, verify=False)
-        finally:
-            graph.model_ref, graph.stale = ref, stale
+        trial = pruned_copy(self.model, graph, {gid: list(range(n)) for gid, n in plan.items()}, verify=False)
         return self._measure(trial)
 
     # ------------------------------------------------------------------ acting

@@ -263,6 +263,26 @@ def prune(model: nn.Module, graph, plan: Plan, *, verify: bool = True, rtol: flo
     return model
 
 
+def pruned_copy(model: nn.Module, graph, plan: Plan, *, verify: bool = True) -> nn.Module:
+    """A pruned deep copy of ``model`` (which ``graph`` was built from); ``model`` and ``graph`` stay usable.
+
+    The copy has the same structure, so the analysis is reused instead of re-capturing the model: the way
+    candidates are built for latency targets and adaptive search.
+    """
+    import copy
+    if graph.model_ref is not model:
+        raise PruningError("the graph was built from a different model object; analyze this model first")
+    trial = copy.deepcopy(model)
+    ref, stale = graph.model_ref, graph.stale
+    try:
+        graph.model_ref = trial
+        graph.stale = False
+        prune(trial, graph, plan, verify=verify)
+    finally:
+        graph.model_ref, graph.stale = ref, stale
+    return trial
+
+
 # ---------------------------------------------------------------- pruning record
 RECORD_ATTR = "_prunekit_record"
 
@@ -299,6 +319,10 @@ _MASKS = "_prunekit_masks"
 
 def mask(model: nn.Module, graph, plan: Plan) -> nn.Module:
     """Soft pruning: zero the plan's units in place and remember them (see :func:`apply_masks`)."""
+    if graph.stale:
+        raise PruningError("this graph describes the model before it was pruned; call pk.analyze() again")
+    if graph.model_ref is not model:
+        raise PruningError("the graph was built from a different model object; analyze this model first")
     norm = normalize_plan(graph, plan)
     drops = param_drops(graph, norm)
     store = getattr(model, _MASKS, None)
@@ -312,7 +336,9 @@ def mask(model: nn.Module, graph, plan: Plan) -> nn.Module:
             m = torch.ones_like(t, dtype=torch.bool)
             for d, idx in dims.items():
                 m.index_fill_(d, idx.to(t.device), False)
-            if fqn in store:
+            if fqn in store:  # remember the values of newly masked entries as they are now
+                newly = store[fqn]["mask"] & ~m
+                store[fqn]["orig"] = torch.where(newly, t.detach(), store[fqn]["orig"])
                 store[fqn]["mask"] &= m
             else:
                 store[fqn] = {"mask": m, "orig": t.detach().clone()}
