@@ -31,3 +31,6 @@ __all__ += ["TrainingPruner", "keep_masked", "masked_to_pruned", "rebuild_optimi
 from .algorithms import AdaptivePruner  # noqa: E402
 
 __all__ += ["AdaptivePruner"]
+from .algorithms import LearnedPruning, SlicePruning  # noqa: E402
+
+__all__ += ["LearnedPruning", "SlicePruning"]

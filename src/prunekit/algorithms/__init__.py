@@ -13,3 +13,7 @@ __all__ += ["BNSlimming", "ChannelReg", "GroupLasso", "GrowingReg", "MaskHook", 
 from .adaptive import AdaptivePruner  # noqa: E402
 
 __all__ += ["AdaptivePruner"]
+from .learned import LearnedPruning  # noqa: E402
+from .slices import SlicePruning  # noqa: E402
+
+__all__ += ["LearnedPruning", "SlicePruning"]

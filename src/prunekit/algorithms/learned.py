@@ -1,0 +1,488 @@
+"""Learned channel pruning: trainable gates per unit, a differentiable FLOPs loss, then physical removal.
+
+Every eligible prunable group gets one logit per unit (or per block of ``block_size`` channels).  The
+gates multiply the outputs of the group's *source* layers (the conv/linear/embedding whose output
+channels are the group's units) with forward hooks.  Where a source feeds only normalisation layers of
+the same group (conv -> BatchNorm), the gate multiplies the norm's output instead: a gate before a
+BatchNorm would be normalised away in training (batch statistics) and would let ``beta`` through when
+closed, a contribution that vanishes at removal.  For head units the gate repeats over ``head_dim``.
+
+Training adds three losses to the task loss::
+
+    lp = pk.LearnedPruning(model, x, target_flops_ratio=0.5, num_steps=10_000)
+    lp.prepare()
+    opt = torch.optim.Adam([*model.parameters(), *lp.parameters()], lr=1e-3)
+    for step, (x, y) in enumerate(data):
+        out = model(x)
+        proportion, flops_loss, entropy_loss, distill_loss = lp.losses(step)
+        loss = task_loss(out, y) + flops_loss + entropy_loss + distill_loss
+        opt.zero_grad(); loss.backward(); opt.step()
+    small = lp.finalize()          # physically smaller, verified; lp.reached = MACs kept / baseline
+
+* Gates in training mode are relaxed Bernoulli samples (Gumbel/logistic-sigmoid):
+  ``g = sigmoid((logit + log u - log(1 - u)) / tau)``, ``u ~ U(0, 1)``, one sample per unit per forward
+  (shared by every layer of the group), with ``tau`` annealed geometrically from ``temperature_start``
+  to ``temperature_end`` over ``num_steps``.  In eval mode the gates are deterministic and hard:
+  ``1`` where ``sigmoid(logit) > 0.5`` and ``0`` elsewhere, so the eval model equals the model that
+  :meth:`LearnedPruning.finalize` returns (exactly, for exact groups).
+* ``proportion`` = ``graph.macs_kept(expected kept units) / graph.macs()`` where a group's expected kept
+  count is ``sum(sigmoid(logit) * block length)``: the same compiled FLOPs polynomial that counts
+  the model, differentiable with respect to the logits.
+* ``flops_loss = flops_weight * (relu(p - target) + symmetric * |p - target|)``: above the target the
+  slope is ``1 + symmetric``; below it a small pull (``symmetric``, default 0.1) brings the proportion
+  back up, so the model does not end far under the target it was asked for.
+* ``entropy_loss = w(step) * mean(H(sigmoid(logit))) / log 2`` with the binary entropy ``H``; its weight
+  grows linearly from 0 to ``entropy_weight`` at ``num_steps``, driving the gates to 0 or 1 so the
+  expected proportion becomes the deterministic one.
+* ``distill_loss = distill_weight * MSE(student outputs, teacher outputs)`` on the model's final float
+  outputs; the teacher is a frozen copy of the model taken at :meth:`prepare`, run on the inputs of
+  the student's last forward in the same train/eval mode.  With ``distill_weight=0`` no copy is made.
+
+The losses returned by :meth:`LearnedPruning.losses` already include their weights: add them as they
+are.  The temperature a forward uses is the one of the last ``global_step`` given to :meth:`losses`
+(or :meth:`set_step`).
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..capture.tape import flatten_outputs
+from ..graph import PruneGraph, analyze, source_dim
+from ..importance.base import is_norm, module_and_attr, unit_view
+from ..metrics import count
+from ..spaces.graph import Group
+from ..surgery import prune
+from .pruner import _pattern
+
+log = logging.getLogger("prunekit.learned")
+
+_CHANNEL_FIRST_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)  # BatchNorm*, InstanceNorm*, GroupNorm
+
+
+@dataclass
+class _Gate:
+    """The trainable gates of one group: a logit per block, and how blocks map onto units."""
+
+    group: Group
+    logit: nn.Parameter      # [n_blocks]
+    block_len: torch.Tensor  # [n_blocks] float: units in each block
+    unit_block: torch.Tensor  # [group.size] long: the block of each unit
+
+    def hard(self) -> torch.Tensor:
+        """Deterministic block gates (bool): open where sigmoid(logit) > 0.5, at least one block open."""
+        keep = self.logit.detach() > 0
+        if not keep.any():
+            keep = torch.zeros_like(keep)
+            keep[int(self.logit.detach().argmax())] = True
+        return keep
+
+
+@dataclass
+class _Site:
+    """One hooked module: its output channel dim and, per gated group, the unit of each output channel."""
+
+    name: str
+    module: nn.Module
+    dim: int
+    channels: int
+    entries: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (gid, unit index per channel)
+
+
+def _channel_map(member, channels: int, current: torch.Tensor | None) -> torch.Tensor:
+    """Unit index per output channel (``size`` = "not in this group"), built with :func:`unit_view`."""
+    rows = unit_view(member, torch.arange(channels), dim=0)  # [n_units, channels owned by each unit]
+    n_units = rows.shape[0]
+    out = torch.full((channels,), n_units, dtype=torch.long) if current is None else current
+    out[rows.reshape(-1)] = torch.arange(n_units).repeat_interleave(rows.shape[1])
+    return out
+
+
+def _norm_out_dim(module: nn.Module, weight: torch.Tensor, member_dim: int) -> int | None:
+    """Output dim that a norm layer's weight dim ``member_dim`` scales (None for norms we do not know)."""
+    if isinstance(module, _CHANNEL_FIRST_NORMS):
+        return 1
+    if hasattr(module, "normalized_shape"):  # LayerNorm, RMSNorm and look-alikes: trailing dims
+        return member_dim - weight.dim()
+    return None
+
+
+def _module_consumers(tape) -> dict[str, set[str]]:
+    """{module: modules that consume its outputs} from the captured tape ("<output>" for the model outputs)."""
+    producer: dict[int, str] = {}
+    out: dict[str, set[str]] = {}
+    for op in tape.ops:
+        for r in op.inputs():
+            src = producer.get(r.id)
+            if src is not None and src != op.module:
+                out.setdefault(src, set()).add(op.module)
+        for r in op.outs():
+            producer[r.id] = op.module
+    for nid in tape.outputs:
+        if nid in producer:
+            out.setdefault(producer[nid], set()).add("<output>")
+    return out
+
+
+def _source_out_dim(module: nn.Module) -> int:
+    """Output dim of a source layer's channels: conv -> 1 (N, C, ...), linear/embedding -> last."""
+    return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+
+
+class LearnedPruning:
+    """Learned channel pruning towards a FLOPs target (trainable gates, see the module docstring).
+
+    Args:
+        model: the model to prune; hooks are added by :meth:`prepare` and removed by :meth:`finalize`.
+        example_inputs: what ``model`` is called with (tensor, tuple or dict), for analysis and verification.
+        target_flops_ratio: fraction of the baseline MACs to keep, in (0, 1).
+        num_steps: training steps over which the temperature and entropy weight are annealed.
+        forward_fn: ``forward_fn(model, inputs)`` if the model is not called as ``model(inputs)``.
+        block_size: channels gated together (kept channel counts are multiples of it; a group whose size
+            is not a multiple has one shorter trailing block).  Head and other non-channel units: 1.
+        ignore: modules (objects or fnmatch name patterns) whose output channels are never pruned.
+        entropy_weight, flops_weight, distill_weight: loss weights (see the module docstring).
+        symmetric: weight of the two-sided part of the FLOPs loss (pull back up when under the target).
+        temperature_start, temperature_end: relaxation temperature at step 0 and at ``num_steps``.
+        init_logit: initial logit of every gate (3.0: gates start ~95% open).
+        seed: seeds the gate noise (the run is deterministic given the seed and the data).
+        prune_outputs, verify: passed to :func:`prunekit.analyze` / :func:`prunekit.prune`.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, target_flops_ratio: float, num_steps: int, *,
+                 forward_fn: Callable | None = None, block_size: int = 1, ignore: Iterable[Any] | None = None,
+                 entropy_weight: float = 1.0, flops_weight: float = 3.0, distill_weight: float = 0.0,
+                 symmetric: float = 0.1, temperature_start: float = 1.0, temperature_end: float = 0.1,
+                 init_logit: float = 3.0, seed: int = 0, prune_outputs: bool = False, verify: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"LearnedPruning expects an nn.Module, got {type(model).__name__}")
+        if example_inputs is None and forward_fn is None:
+            raise ValueError("LearnedPruning needs example_inputs (e.g. torch.randn(1, 3, 224, 224)) or a forward_fn")
+        if not 0.0 < float(target_flops_ratio) < 1.0:
+            raise ValueError(f"target_flops_ratio is the fraction of MACs to KEEP and must be in (0, 1), "
+                             f"got {target_flops_ratio!r}")
+        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        if not 0.0 < temperature_end <= temperature_start:
+            raise ValueError(f"temperatures must satisfy 0 < temperature_end <= temperature_start, got "
+                             f"{temperature_start!r} -> {temperature_end!r}")
+        for name, w in (("entropy_weight", entropy_weight), ("flops_weight", flops_weight),
+                        ("distill_weight", distill_weight), ("symmetric", symmetric)):
+            if float(w) < 0:
+                raise ValueError(f"{name} must be >= 0, got {w!r}")
+        self.model = model
+        self.example_inputs = example_inputs
+        self.forward_fn = forward_fn
+        self.target = float(target_flops_ratio)
+        self.num_steps = num_steps
+        self.block_size = block_size
+        self.entropy_weight, self.flops_weight = float(entropy_weight), float(flops_weight)
+        self.distill_weight, self.symmetric = float(distill_weight), float(symmetric)
+        self.temperature_start, self.temperature_end = float(temperature_start), float(temperature_end)
+        self.init_logit = float(init_logit)
+        self.seed = seed
+        self.verify = verify
+        names = {id(m): n for n, m in model.named_modules()}
+        self.ignore = [_pattern(p, names, "ignore") for p in (ignore or [])]
+        self.graph: PruneGraph = analyze(model, example_inputs, forward_fn, prune_outputs=prune_outputs)
+        self.base_macs = self.graph.macs()
+        self.groups = self._eligible()
+        self.gates: dict[int, _Gate] = {}
+        self.sites: list[_Site] = []
+        self.teacher: nn.Module | None = None
+        self.reached: float | None = None
+        self.step = 0
+        self._handles: list = []
+        self._sample: dict[int, torch.Tensor] = {}
+        self._gen: torch.Generator | None = None
+        self._last_call: tuple | None = None
+        self._last_out: Any = None
+        self.prepared = self.finalized = False
+
+    # ------------------------------------------------------------------ which groups
+    def _eligible(self) -> list[Group]:
+        mods = dict(self.model.named_modules())
+        out = []
+        for g in self.graph.prunable_groups:
+            names = g.source or g.modules
+            if any(fnmatch.fnmatchcase(m, p) for p in self.ignore for m in names):
+                log.debug("group %d ignored (%s)", g.id, ", ".join(names[:3]))
+                continue
+            if not any(source_dim(mods.get(s)) is not None for s in g.source):
+                log.info("group %d (%s) has no source layer to gate: it stays unpruned", g.id, ", ".join(g.modules[:3]))
+                continue
+            out.append(g)
+        return out
+
+    def _blocks(self, g: Group) -> torch.Tensor:
+        b = self.block_size if g.unit == "channel" else 1
+        return torch.arange(g.size) // b
+
+    @property
+    def prunable_proportion(self) -> float:
+        """Fraction of the baseline MACs the gates can remove: every gated group down to one block."""
+        if self.base_macs == 0:
+            return 0.0
+        kept = {g.id: min(g.size, self.block_size if g.unit == "channel" else 1) for g in self.groups}
+        return 1.0 - float(self.graph.macs_kept(kept)) / self.base_macs
+
+    # ------------------------------------------------------------------ prepare
+    def prepare(self) -> nn.Module:
+        """Create the gate logits, insert the gates (forward hooks) and, for distillation, copy the teacher."""
+        if self.prepared:
+            raise RuntimeError("prepare() was already called on this LearnedPruning")
+        if not self.groups:
+            raise ValueError("no prunable group can be gated (all pinned, ignored or without a conv/linear source); "
+                             "check pk.analyze(model, x).summary() and the ignore patterns")
+        reach = 1.0 - self.prunable_proportion
+        if self.target < reach - 1e-9:
+            raise ValueError(f"target_flops_ratio={self.target} cannot be reached: with every gated group down to one "
+                             f"block the model keeps {reach:.1%} of its MACs. Raise the target, ignore fewer modules "
+                             "or use a smaller block_size")
+        if self.distill_weight > 0:
+            self.teacher = copy.deepcopy(self.model)
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        mods = dict(self.model.named_modules())
+        sites: dict[tuple[str, int], _Site] = {}
+        feeds = _module_consumers(self.graph.tape)
+        for g in self.groups:
+            ref = next(self.model.get_submodule(s).weight for s in g.source if source_dim(mods.get(s)) is not None)
+            blocks = self._blocks(g)
+            n = int(blocks[-1]) + 1
+            logit = nn.Parameter(torch.full((n,), self.init_logit, dtype=ref.dtype if ref.is_floating_point()
+                                            else torch.float32, device=ref.device))
+            lens = torch.bincount(blocks).to(ref.device, logit.dtype)
+            self.gates[g.id] = _Gate(g, logit, lens, blocks.to(ref.device))
+            norms = set()  # the group's norm layers whose output layout we know
+            for m in g.members:
+                mname, _, attr = m.fqn.rpartition(".")
+                mod = mods.get(mname)
+                if attr == "weight" and mname not in g.source and is_norm(mod) and \
+                        _norm_out_dim(mod, getattr(mod, attr), m.dim) is not None:
+                    norms.add(mname)
+            for m in g.members:
+                mod, attr = module_and_attr(self.model, m.fqn)
+                mname = m.fqn.rpartition(".")[0]
+                if mod is None or attr != "weight":
+                    continue
+                w = getattr(mod, attr)
+                if mname in norms:
+                    dim = _norm_out_dim(mod, w, m.dim)
+                elif mname in g.source and m.dim == source_dim(mod):
+                    if feeds.get(mname) and feeds[mname] <= norms:
+                        continue  # gated after its norm instead (batch statistics see the ungated channel)
+                    dim = _source_out_dim(mod)
+                else:
+                    continue
+                site = sites.setdefault((mname, dim), _Site(mname, mod, dim, w.shape[m.dim]))
+                prev = next((i for i, (gid, _) in enumerate(site.entries) if gid == g.id), None)
+                if prev is None:
+                    site.entries.append((g.id, _channel_map(m, site.channels, None)))
+                else:  # a second member of the same group in this weight (e.g. q, k and v rows of one qkv)
+                    site.entries[prev] = (g.id, _channel_map(m, site.channels, site.entries[prev][1]))
+        self.sites = list(sites.values())
+        for site in self.sites:
+            self._handles.append(site.module.register_forward_hook(self._make_hook(site)))
+        self._handles.append(self.model.register_forward_pre_hook(self._on_call, with_kwargs=True))
+        if self.teacher is not None:
+            self._handles.append(self.model.register_forward_hook(self._on_output))
+        self.prepared = True
+        log.info("learned pruning: %d gated group(s), %d gate(s) on %d layer(s); target %.1f%% of MACs, "
+                 "prunable %.1f%%", len(self.gates), sum(g.logit.numel() for g in self.gates.values()),
+                 len(self.sites), 100 * self.target, 100 * self.prunable_proportion)
+        return self.model
+
+    def _on_call(self, module, args, kwargs):
+        self._sample = {}  # one gate sample per unit per forward, shared by every layer of the group
+        if self.teacher is not None:
+            self._last_call = (args, kwargs)
+
+    def _on_output(self, module, args, out):
+        self._last_out = out
+
+    def _make_hook(self, site: _Site):
+        def hook(module, args, out):
+            if not isinstance(out, torch.Tensor):
+                return None
+            if out.dim() == 0 or out.shape[site.dim] != site.channels:
+                raise RuntimeError(f"learned pruning gate on {site.name}: expected {site.channels} channels in output "
+                                   f"dim {site.dim}, got shape {tuple(out.shape)}; was the model changed after "
+                                   "LearnedPruning was created? Create it again on the current model")
+            gate = None
+            for gid, cmap in site.entries:
+                g = self._unit_gates(gid, module.training)
+                ch = torch.cat([g, g.new_ones(1)])[cmap.to(g.device)]
+                gate = ch if gate is None else gate * ch
+            shape = [1] * out.dim()
+            shape[site.dim] = site.channels
+            return out * gate.to(out.device, out.dtype).reshape(shape)
+        return hook
+
+    # ------------------------------------------------------------------ gates
+    def temperature(self, step: int | None = None) -> float:
+        """Relaxation temperature at ``step`` (default: the current step), geometric from start to end."""
+        t = min(max((self.step if step is None else step) / self.num_steps, 0.0), 1.0)
+        return self.temperature_start * (self.temperature_end / self.temperature_start) ** t
+
+    def set_step(self, global_step: int) -> None:
+        """Set the step whose temperature the next forwards use (:meth:`losses` does this too)."""
+        self.step = int(global_step)
+
+    def _unit_gates(self, gid: int, training: bool) -> torch.Tensor:
+        if gid not in self._sample:
+            gate = self.gates[gid]
+            if training:
+                logit = gate.logit
+                if self._gen is None or self._gen.device != logit.device:
+                    self._gen = torch.Generator(device=logit.device).manual_seed(self.seed)
+                u = torch.rand(logit.shape, generator=self._gen, device=logit.device,
+                               dtype=logit.dtype).clamp(1e-6, 1 - 1e-6)
+                blocks = torch.sigmoid((logit + torch.log(u) - torch.log1p(-u)) / self.temperature())
+            else:
+                blocks = gate.hard().to(gate.logit.dtype)
+            self._sample[gid] = blocks[gate.unit_block]
+        return self._sample[gid]
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The gate logits (give them to the optimizer, e.g. with their own learning rate)."""
+        if not self.prepared:
+            raise RuntimeError("call prepare() first: the gate logits are created there")
+        return iter([g.logit for g in self.gates.values()])
+
+    def to(self, device: torch.device | str) -> "LearnedPruning":
+        """Move the gates (and the teacher) to ``device`` after moving the model (before building the optimizer)."""
+        for g in self.gates.values():
+            g.logit.data = g.logit.data.to(device)
+            g.block_len, g.unit_block = g.block_len.to(device), g.unit_block.to(device)
+        if self.teacher is not None:
+            self.teacher.to(device)
+        self._gen = None
+        return self
+
+    def probabilities(self) -> dict[int, torch.Tensor]:
+        """{group id: sigmoid(logit) per block} (detached)."""
+        return {gid: torch.sigmoid(g.logit.detach()) for gid, g in self.gates.items()}
+
+    def kept(self) -> dict[int, int]:
+        """{group id: units the deterministic gates keep}."""
+        return {gid: int(g.block_len[g.hard()].sum()) for gid, g in self.gates.items()}
+
+    # ------------------------------------------------------------------ losses
+    def losses(self, global_step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(proportion, flops_loss, entropy_loss, distill_loss)`` after a forward, all scalar tensors.
+
+        ``proportion`` is the expected MACs kept / baseline (differentiable in the logits); the three
+        losses already carry their weights.  Also sets the step for the temperature of later forwards.
+        """
+        if not self.prepared or self.finalized:
+            raise RuntimeError("losses() works between prepare() and finalize()")
+        self.set_step(global_step)
+        kept, ent = {}, []
+        for gid, g in self.gates.items():
+            p = torch.sigmoid(g.logit)
+            kept[gid] = (p * g.block_len).sum()
+            pc = p.clamp(1e-6, 1 - 1e-6)
+            ent.append(-(pc * pc.log() + (1 - pc) * (1 - pc).log()) / math.log(2.0))
+        ref = next(iter(self.gates.values())).logit
+        proportion = (self.graph.macs_kept(kept) / self.base_macs).to(ref.dtype)
+        gap = proportion - self.target
+        flops_loss = self.flops_weight * (F.relu(gap) + self.symmetric * gap.abs())
+        ramp = min(max(self.step / self.num_steps, 0.0), 1.0)
+        entropy_loss = self.entropy_weight * ramp * torch.cat(ent).mean()
+        return proportion, flops_loss, entropy_loss, self._distill_loss(ref)
+
+    def _distill_loss(self, ref: torch.Tensor) -> torch.Tensor:
+        if self.teacher is None:
+            return ref.new_zeros(())
+        if self._last_call is None or self._last_out is None:
+            raise RuntimeError("distillation needs the model's last forward: call model(...) before losses(), or "
+                               "pass distill_weight=0 if the model is run through another method")
+        args, kwargs = self._last_call
+        student = [t for t in flatten_outputs(self._last_out)[0] if t.is_floating_point()]
+        dev = student[0].device if student else ref.device
+        if next(self.teacher.parameters(), ref).device != dev:
+            self.teacher.to(dev)
+        self.teacher.train(self.model.training)
+        with torch.no_grad():
+            teacher = [t for t in flatten_outputs(self.teacher(*args, **kwargs))[0] if t.is_floating_point()]
+        self._last_call = self._last_out = None
+        if len(teacher) != len(student) or not student:
+            raise RuntimeError(f"teacher returned {len(teacher)} float outputs and the student {len(student)}; "
+                               "pass distill_weight=0 for models whose outputs change between calls")
+        loss = sum(F.mse_loss(s, t.to(s.dtype)) for s, t in zip(student, teacher)) / len(student)
+        return self.distill_weight * loss
+
+    def current_proportion(self) -> float:
+        """MACs kept / baseline with the deterministic gates (what :meth:`finalize` will reach)."""
+        return float(self.graph.macs_kept(self.kept())) / self.base_macs
+
+    # ------------------------------------------------------------------ finalize
+    def plan(self) -> dict[int, list[int]]:
+        """{group id: units to drop} from the deterministic gates (at least one block kept per group)."""
+        out = {}
+        for gid, g in self.gates.items():
+            keep_unit = g.hard()[g.unit_block].cpu()
+            drop = (~keep_unit).nonzero().flatten().tolist()
+            if drop:
+                out[gid] = drop
+        return out
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._sample = {}
+        self._last_call = self._last_out = None
+
+    def finalize(self) -> nn.Module:
+        """Remove the gates and physically prune the units whose deterministic gate is closed.
+
+        Kept gates are exactly 1 in deterministic mode, so nothing is folded into the weights.  The model
+        is pruned in place (and verified by :func:`prunekit.prune`) and returned; ``self.reached`` is its
+        MACs / baseline MACs, counted again on the pruned model.
+        """
+        if not self.prepared:
+            raise RuntimeError("call prepare() and train before finalize()")
+        if self.finalized:
+            raise RuntimeError("finalize() was already called")
+        plan = self.plan()
+        self.remove_hooks()
+        prune(self.model, self.graph, plan, verify=self.verify)
+        self.finalized = True
+        self.teacher = None
+        macs = count(self.model, self.example_inputs, self.forward_fn).macs
+        self.reached = macs / self.base_macs if self.base_macs else 1.0
+        log.info("learned pruning finalized: %d group(s) pruned, MACs %d -> %d (%.1f%% kept, target %.1f%%)",
+                 len(plan), self.base_macs, macs, 100 * self.reached, 100 * self.target)
+        return self.model
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "logits": {gid: g.logit.detach().clone() for gid, g in self.gates.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not self.prepared:
+            raise RuntimeError("call prepare() before load_state_dict()")
+        logits = state["logits"]
+        if set(int(k) for k in logits) != set(self.gates):
+            raise ValueError(f"the checkpoint has gates for groups {sorted(int(k) for k in logits)}, this model for "
+                             f"{sorted(self.gates)}: was it made with other ignore/block_size settings?")
+        with torch.no_grad():
+            for gid, t in logits.items():
+                self.gates[int(gid)].logit.copy_(t)
+        self.step = int(state.get("step", 0))
+
+    def __repr__(self) -> str:
+        return (f"LearnedPruning({len(self.groups)} groups, target={self.target}, num_steps={self.num_steps}, "
+                f"block_size={self.block_size}, prepared={self.prepared}, finalized={self.finalized})")
