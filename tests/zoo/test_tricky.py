@@ -860,3 +860,28 @@ def test_unsupported_op_reported():
 def test_plain_mlp_units_are_channels():
     _, _, graph = analyzed("mlp")
     assert {g.unit for g in graph.groups} == {"channel"}
+
+
+def test_heads_equal_head_dim_stay_separate_groups():
+    """num_heads == head_dim (4 x 4): the two attributes must not be confused with each other."""
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads, self.hd = 4, 4
+            self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q, k, v = (t.view(b, n, self.heads, self.hd).transpose(1, 2) for t in (self.q(x), self.k(x), self.v(x)))
+            y = torch.softmax(q @ k.transpose(-1, -2) * 0.5, -1) @ v
+            return self.o(y.transpose(1, 2).reshape(b, n, self.heads * self.hd))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), Attn(), nn.Linear(16, 3)).eval()
+    x = torch.randn(2, 6, 5)
+    graph = pk.analyze(model, x)
+    units = sorted(g.unit for g in groups_of(graph, "1.q.weight", 0))
+    assert "head" in units and "head_dim" in units
+    head = [g for g in groups_of(graph, "1.q.weight", 0) if g.unit == "head"][0]
+    pk.prune(model, graph, {head.id: [1]})
+    assert model[1].heads == 3 and model[1].hd == 4 and model[1].q.out_features == 12

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 log = logging.getLogger("prunekit.capture")
@@ -108,11 +108,11 @@ def _is_cacheable(func) -> bool:
     return ok
 
 
-def _meta_call(func, args, kwargs):
-    """``func(*args, **kwargs)``, replaying cached output metadata when every tensor input is on meta."""
+def _meta_call(func, args, kwargs, flat):
+    """``func(*args, **kwargs)``, replaying cached output metadata when every tensor input is on meta
+    (``flat`` = the flattened ``(args, kwargs)``)."""
     if not _is_cacheable(func):
         return func(*args, **kwargs)
-    flat, _ = tree_flatten((args, kwargs))
     key = [func]
     for a in flat:
         if isinstance(a, torch.Tensor):
@@ -127,7 +127,6 @@ def _meta_call(func, args, kwargs):
     hit = _META_CACHE.get(key)
     if hit is not None:
         metas, spec = hit
-        from torch.utils._pytree import tree_unflatten
         return tree_unflatten([torch.empty_strided(sh, st, dtype=dt, device="meta") for sh, st, dt in metas], spec)
     out = func(*args, **kwargs)
     oflat, spec = tree_flatten(out)
@@ -161,12 +160,12 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = _meta_call(func, args, kwargs)
+        flat, in_spec = tree_flatten((args, kwargs))
+        out = _meta_call(func, args, kwargs, flat)
         packet = func.overloadpacket.__name__
         if packet in _SKIP:
             return out
-        rargs = tree_map(self._ref, args)
-        rkwargs = tree_map(self._ref, kwargs)
+        rargs, rkwargs = tree_unflatten([self._ref(a) for a in flat], in_spec)
         schema = func._schema
         inplace_of = None
         mutated = [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
@@ -179,7 +178,6 @@ class _Recorder(TorchDispatchMode):
                 new_out.append(TRef(self._new(o, "op")))
             else:
                 new_out.append(None)
-        from torch.utils._pytree import tree_unflatten
         rec = OpRecord(len(self.tape.ops), str(func), packet, tuple(rargs), rkwargs,
                        tree_unflatten(new_out, spec) if new_out else [], self.stack[-1] if self.stack else "",
                        inplace_of)

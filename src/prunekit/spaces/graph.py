@@ -283,12 +283,20 @@ class Analyzer:
             # fixes must stay equal, so those spaces are tied (pruned or pinned together) instead of diverging
             same = [(i, l) for i, l, w in cands if w and not _data_dim(l)
                     and all(p == _INTERLEAVED for s in C.leaves(l) for p in s.pins)]
-            if len({i for i, _ in same}) > 1:
+            # another size attribute with the same value (e.g. num_heads == head_dim) makes the match ambiguous
+            ambiguous = any(k != attr and m == mod and getattr(self.modules.get(mod), k, None)
+                            == getattr(self.modules.get(mod), attr, None) for m, k in self.reshape_cands)
+            if not ambiguous and len({i for i, _ in same}) > 1:
                 for i, l in same[1:]:
                     if l is not same[0][1]:
                         C.tie(same[0][1], l, f"{mod}.{attr} sizes several reshapes")
             if (mod, attr) not in self.bindings:
-                self.bind(mod, attr, free[0][1])
+                pick = free[0][1]
+                if ambiguous:  # equal values: let the attribute's name choose between heads and head_dim
+                    want = "head_dim" if _names_head_dim(attr) else "head"
+                    tagged = [l for _, l, _ in free if all(want in s.tags for s in C.leaves(l))]
+                    pick = tagged[0] if tagged else pick
+                self.bind(mod, attr, pick)
         self._pin_interleaved()  # ties above may have split a factor inside a product
 
     def _pin_interleaved(self) -> None:
@@ -307,6 +315,12 @@ class Analyzer:
 
 
 _INTERLEAVED = "channels split inside a product (e.g. rotate-half RoPE inside heads x head_dim): interleaved layout"
+
+
+def _names_head_dim(attr: str) -> bool:
+    """Does a size attribute's name say "per-head width" (head_dim, hd, d_k, head_size, ...)?"""
+    a = attr.lower()
+    return "dim" in a or "size" in a or a in ("hd", "dh", "d_k", "dk", "d_head", "d_v", "dv")
 
 
 def _data_dim(l) -> bool:
