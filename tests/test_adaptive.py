@@ -13,12 +13,8 @@ from prunekit.algorithms.adaptive import LatencyTable, WorkdirError
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convs on a shared CPU are fastest (and reproducible) on one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _single_thread(one_thread):
+    """Every test here runs on one thread (see conftest.one_thread)."""
 
 
 def _block(cin, cout, stride=1):

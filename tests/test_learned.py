@@ -19,12 +19,8 @@ FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Small convs run fastest (and most reproducibly) on one thread, even on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _single_thread(one_thread):
+    """Every test here runs on one thread (see conftest.one_thread)."""
 
 
 def fashion_mnist(n: int = 4000) -> tuple[torch.Tensor, torch.Tensor]:
