@@ -144,6 +144,16 @@ def _binding_value(b, drops_leaf: dict[int, int], current: Any):
     return C.kept_size(b.layouts, drops_leaf)
 
 
+def _replace_sliced(mod: nn.Module, attr: str, old: torch.Tensor, dims, replaced: dict, undo: _Undo) -> None:
+    """Put the sliced ``old`` into ``mod.attr`` (one new tensor per old tensor, so tied weights stay tied)."""
+    if id(old) not in replaced:
+        new = slice_tensor(old, dims, "remove")
+        if isinstance(old, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=old.requires_grad)
+        replaced[id(old)] = new
+    undo.set_tensor(mod, attr, replaced[id(old)])
+
+
 def remove(model: nn.Module, graph, plan: dict[int, torch.Tensor], undo: _Undo) -> None:
     """Physically remove the plan's units from ``model`` (in place), recording undo steps."""
     drops = param_drops(graph, plan)
@@ -152,12 +162,7 @@ def remove(model: nn.Module, graph, plan: dict[int, torch.Tensor], undo: _Undo) 
         for name in [fqn] + _aliases(graph).get(fqn, []):
             mod, attr = _get(model, name)
             old = getattr(mod, attr)
-            if id(old) not in replaced:
-                new = slice_tensor(old, dims, "remove")
-                if isinstance(old, nn.Parameter):
-                    new = nn.Parameter(new, requires_grad=old.requires_grad)
-                replaced[id(old)] = new
-            undo.set_tensor(mod, attr, replaced[id(old)])
+            _replace_sliced(mod, attr, old, dims, replaced, undo)
     drops_leaf = graph.drops_by_leaf({g: u.tolist() for g, u in plan.items()})
     for b in graph.bindings:
         try:
@@ -396,12 +401,7 @@ def replay_record(model: nn.Module, record: list[Mapping]) -> nn.Module:
                 if id(old) not in replaced and want is not None and list(old.shape) != list(want):
                     raise PruningError(f"pruning record step {k}: {fqn} has shape {tuple(old.shape)} but the record "
                                        f"expects {tuple(want)}; the record was made for a different model or config")
-                if id(old) not in replaced:
-                    new = slice_tensor(old, dims, "remove")
-                    if isinstance(old, nn.Parameter):
-                        new = nn.Parameter(new, requires_grad=old.requires_grad)
-                    replaced[id(old)] = new
-                undo.set_tensor(mod, attr, replaced[id(old)])
+                _replace_sliced(mod, attr, old, dims, replaced, undo)
             for key, val in step.get("attrs", {}).items():
                 mod_name, _, attr = key.rpartition(".")
                 try:
