@@ -1,19 +1,15 @@
-"""Algorithms on top of the core: the pruner facade and its targets (schedules, regularizers, learned gates and
-NetAdapt build on the same pieces)."""
+"""Algorithms on top of the core: the pruner facade and its targets, training-time pruning (masks, optimizer
+rebuild, regularizers), learned gates, slice pruning and NetAdapt-style adaptive search."""
+from .adaptive import AdaptivePruner
+from .learned import LearnedPruning
+from .optim import rebuild_optimizer, remember_param_names
 from .pruner import Pruner, group_key
+from .regularizers import BNSlimming, ChannelReg, GroupLasso, GrowingReg, Regularizer, l2_histograms
+from .slices import SlicePruning
 from .targets import ChannelRatio, FlopsTarget, LatencyTarget, ParamsTarget, Target, as_target
+from .training import MaskHook, TrainingPruner, keep_masked, masked_to_pruned
 
-__all__ = ["ChannelRatio", "FlopsTarget", "LatencyTarget", "ParamsTarget", "Pruner", "Target", "as_target", "group_key"]
-from .optim import rebuild_optimizer, remember_param_names  # noqa: E402
-from .regularizers import BNSlimming, ChannelReg, GroupLasso, GrowingReg, Regularizer, l2_histograms  # noqa: E402
-from .training import MaskHook, TrainingPruner, keep_masked, masked_to_pruned  # noqa: E402
-
-__all__ += ["BNSlimming", "ChannelReg", "GroupLasso", "GrowingReg", "MaskHook", "Regularizer", "TrainingPruner",
-            "keep_masked", "l2_histograms", "masked_to_pruned", "rebuild_optimizer", "remember_param_names"]
-from .adaptive import AdaptivePruner  # noqa: E402
-
-__all__ += ["AdaptivePruner"]
-from .learned import LearnedPruning  # noqa: E402
-from .slices import SlicePruning  # noqa: E402
-
-__all__ += ["LearnedPruning", "SlicePruning"]
+__all__ = ["AdaptivePruner", "BNSlimming", "ChannelRatio", "ChannelReg", "FlopsTarget", "GroupLasso", "GrowingReg",
+           "LatencyTarget", "LearnedPruning", "MaskHook", "ParamsTarget", "Pruner", "Regularizer", "SlicePruning",
+           "Target", "TrainingPruner", "as_target", "group_key", "keep_masked", "l2_histograms", "masked_to_pruned",
+           "rebuild_optimizer", "remember_param_names"]
