@@ -885,3 +885,27 @@ def test_heads_equal_head_dim_stay_separate_groups():
     head = [g for g in groups_of(graph, "1.q.weight", 0) if g.unit == "head"][0]
     pk.prune(model, graph, {head.id: [1]})
     assert model[1].heads == 3 and model[1].hd == 4 and model[1].q.out_features == 12
+
+
+def test_interpolated_position_table_keeps_its_grid():
+    """A position table resampled to the feature grid (NaFlexViT-style): its grid rows are not channels."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.pos_y = nn.Parameter(torch.randn(1, 6, 8))  # 6 grid rows x 8 channels
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            h = self.stem(x)
+            py = nn.functional.interpolate(self.pos_y.permute(0, 2, 1), size=h.shape[2], mode="linear")  # (1, 8, H)
+            return self.head(h + py.unsqueeze(-1))
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(2, 3, 5, 5)
+    graph = pk.analyze(model, x)
+    assert not any(g.prunable for g in groups_of(graph, "pos_y", 1))
+    ch = group_of(graph, "pos_y", 2)
+    assert ch is group_of(graph, "stem.weight", 0) and ch.prunable and ch.exact
+    pk.prune(model, graph, {ch.id: [0, 5]})
+    assert model.pos_y.shape == (1, 6, 6)

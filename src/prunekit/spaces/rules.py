@@ -811,6 +811,9 @@ def _spatial(A, op):
                 A.copy_dim(x, d, out, d)
             else:
                 A.set(out, d, C.fresh_nonchannel(osh[d], f"{A.where(op)}: spatial dim"))
+                # the input's spatial positions are resampled/pooled together: removing one (e.g. a row of a
+                # position-embedding table that is interpolated to the image grid) changes every output
+                C.pin(A.lay(x, d), f"{A.where(op)}: spatial dim resampled by {op.packet}")
     if op.packet.startswith("grid_sampler"):
         A.pin_node(op.args[1], f"{A.where(op)}: sampling grid")
 
