@@ -465,6 +465,11 @@ class LearnedPruning:
         self.reached = macs / self.base_macs if self.base_macs else 1.0
         log.info("learned pruning finalized: %d group(s) pruned, MACs %d -> %d (%.1f%% kept, target %.1f%%)",
                  len(plan), self.base_macs, macs, 100 * self.reached, 100 * self.target)
+        if self.reached > self.target + 0.05:
+            log.warning("learned pruning kept %.1f%% of the MACs, above the %.1f%% target: the gates did not close "
+                        "enough (%d training steps seen). Train longer, give the gate logits a higher learning "
+                        "rate, or raise flops_weight / entropy_weight.", 100 * self.reached, 100 * self.target,
+                        self.step)
         return self.model
 
     # ------------------------------------------------------------------ checkpoints

@@ -224,7 +224,10 @@ class Pruner:
                     hi_f = mid
                 else:
                     lo_f = mid
-            return knob(hi_f)
+            kept = knob(hi_f)
+            if t.kind != "latency":
+                kept = self._give_back(slots, kept, goal, value)
+            return kept
         while lo < hi:
             mid = (lo + hi) // 2
             if value(knob(mid)) <= goal:
@@ -232,6 +235,21 @@ class Pruner:
             else:
                 lo = mid + 1
         return knob(lo)
+
+    @staticmethod
+    def _give_back(slots: list[_Slot], kept: dict[int, int], goal: float, value) -> dict[int, int]:
+        """One shared ratio lands up to a rounding step below the goal; give single steps back (largest
+        groups first, each group at most once) while the computed cost stays within the goal."""
+        kept = dict(kept)
+        for sl in sorted(slots, key=lambda x: -x.orig):
+            gid = sl.group.id
+            more = min(sl.cur, kept[gid] + sl.step)
+            if more > kept[gid]:
+                trial = dict(kept)
+                trial[gid] = more
+                if value(trial) <= goal:
+                    kept = trial
+        return kept
 
     def _local_knob(self, slots: list[_Slot], s: float):
         final = self.target.sparsity if self.target.kind == "channels" else None
