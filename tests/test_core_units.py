@@ -543,3 +543,24 @@ def test_mask_refuses_graph_of_another_model():
     graph = pk.analyze(a, torch.randn(1, 3, 8, 8))
     with pytest.raises(pk.PruningError, match="different model"):
         pk.mask(b, graph, {graph.prunable_groups[0].id: [0]})
+
+
+def test_factory_ops_are_not_replayed_on_the_real_fallback():
+    """A forward that needs real values falls back from meta to real tensors; factory ops (arange) created in the
+    meta attempt must not come back as meta tensors in the real one."""
+    class NeedsValues(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            idx = torch.arange(4).float()
+            if float(idx.sum().item()) > 0:  # .item() is impossible on meta
+                x = x + idx
+            return self.fc(x)
+
+    model = NeedsValues().eval()
+    x = torch.randn(2, 4)
+    pk.analyze(model, x)  # meta attempt fails at .item(): the real attempt must see a real arange
+    graph = pk.analyze(model, x)
+    assert graph.tape.device == "real"

@@ -114,15 +114,19 @@ def _meta_call(func, args, kwargs, flat):
     if not _is_cacheable(func):
         return func(*args, **kwargs)
     key = [func]
+    n_tensors = 0
     for a in flat:
         if isinstance(a, torch.Tensor):
             if a.device.type != "meta":
                 return func(*args, **kwargs)
+            n_tensors += 1
             key.append((tuple(a.shape), a.stride(), a.dtype))
         elif isinstance(a, _LEAF_OK):
             key.append((type(a), a))
         else:
             return func(*args, **kwargs)
+    if n_tensors == 0:  # a factory op (arange, zeros, ...): its device is not implied by any input
+        return func(*args, **kwargs)
     key = tuple(key)
     hit = _META_CACHE.get(key)
     if hit is not None:
