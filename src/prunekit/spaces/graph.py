@@ -292,11 +292,12 @@ class Analyzer:
                         C.tie(same[0][1], l, f"{mod}.{attr} sizes several reshapes")
             if (mod, attr) not in self.bindings:
                 pick = free[0][1]
-                if ambiguous:  # equal values: let the attribute's name choose between heads and head_dim
-                    want = "head_dim" if _names_head_dim(attr) else "head"
-                    tagged = [l for _, l, _ in free if all(want in s.tags for s in C.leaves(l))]
-                    pick = tagged[0] if tagged else pick
-                self.bind(mod, attr, pick)
+                if ambiguous:  # equal values: only a name that says heads or head_dim may choose
+                    want = "head_dim" if _names_head_dim(attr) else "head" if "head" in attr.lower() else None
+                    tagged = [l for _, l, _ in free if want and all(want in s.tags for s in C.leaves(l))]
+                    pick = tagged[0] if tagged else None
+                if pick is not None:
+                    self.bind(mod, attr, pick)
         self._pin_interleaved()  # ties above may have split a factor inside a product
 
     def _pin_interleaved(self) -> None:
