@@ -480,3 +480,15 @@ def test_training_pruner_resume_mid_schedule_and_after_pruning(tmp_path):
     torch.testing.assert_close(model3(x), model2(x))
     train(model3, opt3, batches(1))
     assert math.isfinite(float(model3(x).detach().sum()))
+
+
+def test_sirc_calling_convention_model_config_forward_fn():
+    """TrainingPruner(model, config, model.forward): inputs come from the config's input_shape."""
+    model, x = tiny()
+    cfg = dict(BASE_CFG, input_shape=list(x.shape))
+    tp = pk.TrainingPruner(model, cfg, model.forward)
+    assert tuple(tp.example_inputs.shape) == tuple(x.shape)
+    assert tp.macs_fraction() == pytest.approx(1.0)
+    assert tp.pruner.graph.prunable_groups  # the dry run on a meta copy re-binds model.forward to the copy
+    with pytest.raises(ValueError, match="input_shape"):
+        pk.TrainingPruner(model, dict(BASE_CFG), model.forward)

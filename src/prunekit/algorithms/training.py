@@ -410,6 +410,24 @@ def _inputs_from_shape(shape) -> Any:
     return tuple(torch.randn(*s) for s in shape)
 
 
+def _forward_from_callable(fwd: Callable, module: nn.Module) -> Callable:
+    """A ``forward_fn(model, inputs)`` from SIRC's ``forward_fn(inputs)`` (usually ``model.forward``).
+
+    Analysis also runs structural copies of the model (the dry run on meta): a bound ``forward`` of the model
+    is re-bound to whichever copy is being run; any other callable runs for the model itself, and copies use
+    their own ``__call__``.
+    """
+    name = getattr(fwd, "__name__", None)
+    bound_to_model = getattr(fwd, "__self__", None) in (module,) and name is not None
+
+    def forward_fn(m: nn.Module, inputs: Any):
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        if bound_to_model:
+            return getattr(unwrap(m), name)(*args)
+        return fwd(*args) if unwrap(m) is module else m(*args)
+    return forward_fn
+
+
 # ---------------------------------------------------------------------------- the training pruner
 class TrainingPruner:
     """Pruning-aware training towards a MAC target (SIRC's channel pruning schedule).
@@ -436,10 +454,23 @@ class TrainingPruner:
         self.module = unwrap(model)
         self.config = load_config(config)
         c = self.config
+        if callable(example_inputs) and not isinstance(example_inputs, (torch.Tensor, nn.Module)):
+            # SIRC's calling convention: TrainingPruner(model, config, forward_fn) with forward_fn = model.forward
+            # (called with the example inputs, which then come from the config's input_shape)
+            fwd = example_inputs
+            example_inputs = None
+            if forward_fn is None:
+                forward_fn = _forward_from_callable(fwd, self.module)
+            if c["input_shape"] is None:
+                raise ValueError("TrainingPruner(model, config, forward_fn): with a forward function in third place the "
+                                 "example inputs come from 'input_shape' in the config (e.g. [1, 3, 224, 224]); "
+                                 "add it, or pass example_inputs=...")
         if example_inputs is None and forward_fn is None:
             if c["input_shape"] is None:
                 raise ValueError("TrainingPruner needs example_inputs (e.g. torch.randn(1, 3, 224, 224)), a forward_fn, "
                                  "or 'input_shape' in the config")
+            example_inputs = _inputs_from_shape(c["input_shape"])
+        if example_inputs is None and c["input_shape"] is not None:
             example_inputs = _inputs_from_shape(c["input_shape"])
         self.example_inputs, self.forward_fn = example_inputs, forward_fn
         if c["slice_args"] is not None:
