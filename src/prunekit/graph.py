@@ -247,36 +247,65 @@ class PruneGraph:
         plan_all = {g.id: torch.arange(max(1, min(g.size - 2, 1 + (g.id % 3)))) for g in cands}
         errors: dict[int, str] = {}
 
-        def check(gids: list[int]) -> str | None:
+        def check(gids: list[int]) -> tuple[str | None, set[int]]:
+            """(failure message or None, ids of the groups on the failing op)."""
             plan = {i: plan_all[i] for i in gids}
             undo = _Undo()
             try:
                 remove(meta, self, plan, undo)
                 tape = capture(meta, _to_meta(self.example_inputs), self.forward_fn, device="meta")
-                return self._compare_tape(tape, plan)
+                msg, at = self._compare_tape(tape, plan)
+                return msg, self._groups_at(at)
             except Exception as e:  # noqa: BLE001 - any failure means this plan breaks the forward
-                return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                cause = e.__cause__ if e.__cause__ is not None else e
+                at = getattr(cause, "prunekit_ops_recorded", None)
+                return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", self._groups_at(at)
             finally:
                 undo.rollback()
 
-        def bisect(gids: list[int], msg: str) -> None:
+        def bisect(gids: list[int], msg: str, near: set[int]) -> None:
             if len(gids) == 1:
                 errors[gids[0]] = msg
+                return
+            inside = [i for i in gids if i in near]
+            if inside and len(inside) < len(gids):
+                # localised: the groups on the failing op (usually one block's heads), each alone when few,
+                # then the rest; if none of them fails alone, they are tried together
+                rest = [i for i in gids if i not in near]
+                singles = [[i] for i in inside] if len(inside) <= 3 else [inside]
+                failed = False
+                for part in singles:
+                    m, where = check(part)
+                    if m:
+                        failed = True
+                        bisect(part, m, where)
+                if not failed and len(singles) > 1:
+                    m, where = check(inside)
+                    if m:
+                        failed = True
+                        for i in inside:  # only their combination fails
+                            errors[i] = m
+                m, where = check(rest)
+                if m:
+                    bisect(rest, m, where)
+                elif not failed:  # only the combination of inside and rest fails: pin all of them
+                    for i in gids:
+                        errors[i] = msg
                 return
             mid = len(gids) // 2
             found = False
             for part in (gids[:mid], gids[mid:]):
-                m = check(part)
+                m, where = check(part)
                 if m:
                     found = True
-                    bisect(part, m)
+                    bisect(part, m, where)
             if not found:  # only the combination fails: pin all of them
                 for i in gids:
                     errors[i] = msg
 
-        msg = check([g.id for g in cands])
+        msg, near = check([g.id for g in cands])
         if msg:
-            bisect([g.id for g in cands], msg)
+            bisect([g.id for g in cands], msg, near)
         for gid, m in errors.items():
             g = self.groups[gid]
             g.prunable = False
@@ -285,25 +314,40 @@ class PruneGraph:
             log.info("dry run pinned %d group(s): %s", len(errors), sorted(errors))
         return sorted(errors)
 
-    def _compare_tape(self, tape: Tape, plan) -> str | None:
+    def _compare_tape(self, tape: Tape, plan) -> tuple[str | None, int | None]:
+        """(mismatch message or None, index of the first mismatching op when known)."""
         drops = self.drops_by_leaf({k: v.tolist() for k, v in plan.items()})
         if len(tape.ops) != len(self.tape.ops) or any(a.name != b.name for a, b in zip(self.tape.ops, tape.ops)):
             # the op sequence changed (e.g. a dim became 1): compare the model outputs only
             for i, (na, nb) in enumerate(zip(self.tape.outputs, tape.outputs)):
                 exp = tuple(self.dim_size(na, d, drops) for d in range(len(self.tape.nodes[na].shape)))
                 if exp != tape.nodes[nb].shape:
-                    return f"output {i} has shape {tape.nodes[nb].shape}, expected {exp}"
-            return None
+                    return f"output {i} has shape {tape.nodes[nb].shape}, expected {exp}", None
+            return None, None
         for a, b in zip(self.tape.ops, tape.ops):
-            if a.name != b.name:
-                return f"op {a.index} is {b.name} instead of {a.name} (in {a.module or '<root>'})"
             for ra, rb in zip(a.outs(), b.outs()):
                 exp = tuple(self.dim_size(ra.id, d, drops) for d in range(len(self.tape.nodes[ra.id].shape)))
                 got = tape.nodes[rb.id].shape
                 if exp != got:
                     return (f"{a.name} in {a.module or '<root>'} produces shape {got}, expected {exp} "
-                            "(the forward hard-codes a size)")
-        return None
+                            "(the forward hard-codes a size)"), a.index
+        return None, None
+
+    def _groups_at(self, op_index: int | None) -> set[int]:
+        """Ids of the groups whose channels flow through the op at ``op_index`` of the captured tape."""
+        if op_index is None or not 0 <= op_index < len(self.tape.ops):
+            return set()
+        op = self.tape.ops[op_index]
+        out: set[int] = set()
+        for r in op.inputs() + op.outs():
+            for lay in self.analyzer.layouts[r.id] or ():
+                if lay is None:
+                    continue
+                for s in C.leaves(lay):
+                    g = self._leaf_to_group.get(s.id)
+                    if g is not None:
+                        out.add(g.id)
+        return out
 
     # ------------------------------------------------------------------ reports
     def summary(self, show_pinned: bool = True, max_modules: int = 3) -> str:

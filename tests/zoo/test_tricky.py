@@ -909,3 +909,33 @@ def test_interpolated_position_table_keeps_its_grid():
     assert ch is group_of(graph, "stem.weight", 0) and ch.prunable and ch.exact
     pk.prune(model, graph, {ch.id: [0, 5]})
     assert model.pos_y.shape == (1, 6, 6)
+
+
+def test_dry_run_pins_exactly_the_hard_coded_groups_in_every_block():
+    """CaiT-style attention reshapes with the residual width (C // heads): the dry run must pin each block's
+    head groups (localised by the failing op) and leave the MLP groups of every block prunable."""
+    class Block(nn.Module):
+        def __init__(self, dim=12, heads=3):
+            super().__init__()
+            self.heads = heads
+            self.qkv = nn.Linear(dim, 3 * dim)
+            self.proj = nn.Linear(dim, dim)
+            self.fc1, self.fc2 = nn.Linear(dim, 20), nn.Linear(20, dim)
+
+        def forward(self, x):
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            y = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+            x = x + self.proj(y.transpose(1, 2).reshape(b, n, c))
+            return x + self.fc2(torch.relu(self.fc1(x)))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 12), *[Block() for _ in range(4)], nn.Linear(12, 2)).eval()
+    x = torch.randn(2, 6, 5)
+    graph = pk.analyze(model, x)
+    for k in range(1, 5):
+        assert not any(g.prunable for g in groups_of(graph, f"{k}.qkv.weight", 0)), k
+        assert group_of(graph, f"{k}.fc1.weight", 0).prunable, k
+    plan = {g.id: [0] for g in graph.prunable_groups}
+    pk.prune(model, graph, plan)
+    assert model(x).shape == (2, 6, 2)

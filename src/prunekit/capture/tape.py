@@ -376,7 +376,11 @@ def _capture_once(model: nn.Module, example_inputs: Any, forward_fn: Callable | 
             torch.backends.mha.set_fastpath_enabled(False)
         try:
             with _SDPAMarker(rec), rec:
-                out = _fc(model, call_state, run)
+                try:
+                    out = _fc(model, call_state, run)
+                except Exception as e:
+                    e.prunekit_ops_recorded = len(tape.ops)  # the failing op is the next one (dry-run localisation)
+                    raise
         finally:
             if fast is not None:
                 torch.backends.mha.set_fastpath_enabled(fast)
