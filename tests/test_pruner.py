@@ -168,3 +168,10 @@ def test_channel_ratio_on_attention_does_not_compound(attention):
     else:  # half of the 192-wide attention, not a quarter
         assert attn.num_heads == heads_before and attn.head_dim == 32 and attn.qkv.out_features == 3 * 96
     assert model(x).shape == (1, 10)
+
+
+def test_latency_target_measures_with_pk_latency():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    p = pk.Pruner(model, torch.randn(1, 3, 8, 8), "l2", pk.LatencyTarget(0.9, repeats=3))
+    assert isinstance(p.base_latency, float) and p.base_latency > 0

@@ -34,8 +34,6 @@ each) chooses the same candidates as ``workers=1``.
 """
 from __future__ import annotations
 
-import copy
-import hashlib
 import io
 import json
 import logging
@@ -50,7 +48,8 @@ import torch
 from torch import nn
 
 from ..capture.tape import call_model, eval_mode, flatten_outputs
-from ..io.checkpoint import CheckpointError, atomic_path, load, save
+from ..io.checkpoint import CheckpointError, atomic_path, load, model_fingerprint, save
+from ..io.checkpoint import canonical_json as _canon, write_json as _write_json
 from ..surgery import RECORD_ATTR, prune as _prune, pruned_copy, replay_record
 from .pruner import Pruner, _Slot, group_key
 from .targets import FlopsTarget, LatencyTarget, ParamsTarget
@@ -88,23 +87,9 @@ class Candidate:
 
 
 # ---------------------------------------------------------------- small helpers
-def _canon(obj: Any) -> str:
-    return json.dumps(json.loads(json.dumps(obj)), sort_keys=True, separators=(",", ":"))
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 over the model's class name and the name, shape and dtype of every state-dict entry."""
-    shapes = {k: [list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()}
-    return hashlib.sha256(_canon({"class": type(model).__qualname__, "state": shapes}).encode()).hexdigest()
-
-
 def _write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _gkey(g) -> str:

@@ -307,7 +307,7 @@ class Pruner:
         t = self.target
         res = latency(model, self.example_inputs, device=getattr(t, "device", "cpu"), threads=getattr(t, "threads", None),
                       repeats=getattr(t, "repeats", 10), forward_fn=self.forward_fn)
-        return _median_ms(res)
+        return res.median_ms
 
     @property
     def base_latency(self) -> float:
@@ -362,12 +362,3 @@ def _pattern(p: Any, names: Mapping[int, str], what: str) -> str:
     if isinstance(p, str):
         return p
     raise TypeError(f"{what}: expected a module or a name pattern, got {type(p).__name__}")
-
-
-def _median_ms(res: Any) -> float:
-    for attr in ("median_ms", "median"):
-        if hasattr(res, attr):
-            v = getattr(res, attr)
-            return float(v[0] if isinstance(v, (list, tuple)) else v)
-    d = res.to_dict()
-    return float(d["median_ms"])

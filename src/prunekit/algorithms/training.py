@@ -27,7 +27,6 @@ import copy
 import fnmatch
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -38,6 +37,7 @@ from ..graph import PruneGraph, analyze
 from ..importance import Criterion, get_criterion
 from ..importance.base import unit_view
 from ..metrics import count
+from ..io.checkpoint import atomic_path
 from ..surgery import RECORD_ATTR, apply_masks, mask, normalize_plan, param_drops, prune, replay_record, slice_tensor
 from . import regularizers as R
 from .optim import rebuild_optimizer, remember_param_names, unwrap
@@ -658,10 +658,8 @@ class TrainingPruner:
         opt = optimizer or self.optimizer
         ck = {"model": self.module.state_dict(), "pruner": self.state_dict(),
               "optimizer": opt.state_dict() if opt is not None else None, "extra": extra}
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(ck, tmp)
-        os.replace(tmp, path)
+        with atomic_path(Path(path)) as tmp:
+            torch.save(ck, tmp)
 
     def load_checkpoint(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> dict:
         """Resume from :meth:`save_checkpoint`: architecture (pruning record), weights, masks, schedule and

@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .common import FAILURE, USAGE, CLIError, Steps, before_after, human
+from .common import FAILURE, CLIError, Steps, before_after, human
 from .models import FORMS, FORMS_HELP, LoadedModel, list_models, load_model, parse_shape
 
 EPILOG = f"""MODEL forms: {FORMS_HELP}.
@@ -365,8 +365,6 @@ def _output_shapes(model, x) -> list[list[int]]:
 
 
 def cmd_prune(args, parser, argv) -> int:
-    import torch
-
     import prunekit as pk
 
     sources, shape = _prepare(args, parser, argv)

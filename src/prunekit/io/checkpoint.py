@@ -59,14 +59,32 @@ def _safetensors():
     return st
 
 
-def _canonical_json(obj: Any) -> str:
-    # a JSON round trip first, so int dict keys (as in a live record) and their string form hash the same
+def canonical_json(obj: Any) -> str:
+    """JSON text that is equal for equal content: a JSON round trip first, so int dict keys (as in a live
+    record) and their string form compare and hash the same."""
     return json.dumps(json.loads(json.dumps(obj)), sort_keys=True, separators=(",", ":"))
+
+
+def model_shapes(model: nn.Module) -> dict[str, list]:
+    """{state-dict key: [shape, dtype]}: what a workdir remembers of the model it was made for."""
+    return {k: [list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()}
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over the model's class name and the name, shape and dtype of every state-dict entry."""
+    body = canonical_json({"class": type(model).__qualname__, "state": model_shapes(model)})
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented, key-sorted JSON, atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _digest_meta(record: Any, fields: Mapping[str, Any]) -> str:
     body = {k: v for k, v in fields.items() if k != "meta_sha256"}
-    return hashlib.sha256(_canonical_json({"record": record, "fields": body}).encode()).hexdigest()
+    return hashlib.sha256(canonical_json({"record": record, "fields": body}).encode()).hexdigest()
 
 
 def _digest_tensor(t: torch.Tensor) -> str:

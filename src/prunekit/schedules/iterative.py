@@ -23,7 +23,6 @@ rewinding ``rewind_init.pt`` / ``rewind_early.pt`` (the weights rewound to).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import time
@@ -33,7 +32,9 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..io.checkpoint import CheckpointError, _replayed_shapes, atomic_path, check_state, read_checkpoint, save
+from ..io.checkpoint import (CheckpointError, _replayed_shapes, atomic_path, canonical_json as _canon, check_state,
+                             model_fingerprint, model_shapes as _model_shapes, read_checkpoint, save,
+                             write_json as _write_json)
 from ..surgery import RECORD_ATTR, replay_record, slice_state_dict
 from .base import LotteryTicket, Schedule, get_schedule
 
@@ -51,26 +52,6 @@ class ResumeError(ValueError):
 
 
 # ---------------------------------------------------------------- helpers
-def _canon(obj: Any) -> str:
-    """JSON text that is equal for equal content (int keys and their string form alike)."""
-    return json.dumps(json.loads(json.dumps(obj)), sort_keys=True, separators=(",", ":"))
-
-
-def _model_shapes(model: nn.Module) -> dict[str, list]:
-    return {k: [list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()}
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 over the model's class name and the name, shape and dtype of every state-dict entry."""
-    body = _canon({"class": type(model).__qualname__, "state": _model_shapes(model)})
-    return hashlib.sha256(body.encode()).hexdigest()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-
-
 def _snapshot(model: nn.Module) -> dict[str, Any]:
     """The weights to rewind to, with the number of pruning-record steps they already include."""
     return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},

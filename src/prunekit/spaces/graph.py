@@ -275,6 +275,9 @@ class Analyzer:
                 if self.layouts[pid] is not None and len(self.layouts[pid]) == 2:
                     self.bind(name, "out_features", self.layouts[pid][0])
                     self.bind(name, "in_features", self.layouts[pid][1])
+        attrs_of: dict[str, list[str]] = {}
+        for mod, attr in self.reshape_cands:
+            attrs_of.setdefault(mod, []).append(attr)
         for (mod, attr), cands in self.reshape_cands.items():
             free = [(i, l, w) for i, l, w in cands if any(s.size > 1 and not s.pins for s in C.leaves(l))]
             if not free:
@@ -284,8 +287,8 @@ class Analyzer:
             same = [(i, l) for i, l, w in cands if w and not _data_dim(l)
                     and all(p == _INTERLEAVED for s in C.leaves(l) for p in s.pins)]
             # another size attribute with the same value (e.g. num_heads == head_dim) makes the match ambiguous
-            ambiguous = any(k != attr and m == mod and getattr(self.modules.get(mod), k, None)
-                            == getattr(self.modules.get(mod), attr, None) for m, k in self.reshape_cands)
+            m = self.modules.get(mod)
+            ambiguous = any(k != attr and getattr(m, k, None) == getattr(m, attr, None) for k in attrs_of[mod])
             if not ambiguous and len({i for i, _ in same}) > 1:
                 for i, l in same[1:]:
                     if l is not same[0][1]:
@@ -325,9 +328,10 @@ def _names_head_dim(attr: str) -> bool:
 
 
 def _data_dim(l) -> bool:
+    """Not a single factor of a reshaped channel dim (a merged dim such as batch x heads, a batch/sequence-like
+    dim, a model input): never tied by attribute value."""
     if len(l) != 1 or len(l[0]) != 1:
-        return True  # a merged dim (e.g. batch x heads) is never tied by value
-    """Not a factor of a reshaped channel dim (or a batch/sequence-like dim): never tied by attribute value."""
+        return True
     return any("nonchannel" in s.tags or "factor" not in s.tags or any(p.startswith("model input") for p in s.pins)
                for s in C.leaves(l))
 
