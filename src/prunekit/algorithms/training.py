@@ -38,7 +38,8 @@ from ..importance import Criterion, get_criterion
 from ..importance.base import unit_view
 from ..metrics import count
 from ..io.checkpoint import atomic_path
-from ..surgery import RECORD_ATTR, apply_masks, mask, normalize_plan, param_drops, prune, replay_record, slice_tensor
+from ..surgery import (RECORD_ATTR, apply_masks, mask, module_attr, normalize_plan, param_drops, prune, replay_record,
+                       slice_tensor)
 from . import regularizers as R
 from .optim import rebuild_optimizer, remember_param_names, unwrap
 from .pruner import Pruner
@@ -638,8 +639,7 @@ class TrainingPruner:
         if masks:
             store = {}
             for fqn, m in masks.items():
-                mod_name, _, attr = fqn.rpartition(".")
-                t = getattr(self.module.get_submodule(mod_name) if mod_name else self.module, attr)
+                t = getattr(*module_attr(self.module, fqn))
                 if tuple(t.shape) != tuple(m.shape):
                     raise ValueError(f"TrainingPruner.load_state_dict: mask for {fqn} has shape {tuple(m.shape)} but "
                                      f"the model has {tuple(t.shape)}; the state belongs to another model")

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..graph import source_dim  # the one table of "which weight dim holds a layer's output channels"
 from ..spaces.graph import Group, Member
+from ..surgery import module_attr
 
 log = logging.getLogger("prunekit.importance")
 
@@ -61,11 +62,11 @@ def unit_view(member: Member, tensor: torch.Tensor, dim: int | None = None) -> t
 
 
 def module_and_attr(model: nn.Module, fqn: str) -> tuple[nn.Module | None, str]:
-    mod_name, _, attr = fqn.rpartition(".")
+    """Like :func:`prunekit.surgery.module_attr`, with ``None`` for a module the model does not have."""
     try:
-        return (model.get_submodule(mod_name) if mod_name else model), attr
+        return module_attr(model, fqn)
     except AttributeError:
-        return None, attr
+        return None, fqn.rpartition(".")[2]
 
 
 output_dim = source_dim  # weight dim that holds a module's output channels (subclasses included), else None

@@ -25,7 +25,8 @@ class VerificationError(PruningError):
 Plan = Mapping[int, Iterable[int]]
 
 
-def _get(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
+def module_attr(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
+    """(owning module, attribute name) of a parameter/buffer name such as ``layer1.0.conv1.weight``."""
     mod_name, _, attr = fqn.rpartition(".")
     return (model.get_submodule(mod_name) if mod_name else model), attr
 
@@ -86,7 +87,7 @@ def _aliases(graph) -> dict[str, list[str]]:
 def _masked_state(model: nn.Module, graph, drops) -> dict[str, torch.Tensor]:
     state = {}
     for fqn, dims in drops.items():
-        mod, attr = _get(model, fqn)
+        mod, attr = module_attr(model, fqn)
         t = getattr(mod, attr)
         m = slice_tensor(t, dims, "mask")
         state[fqn] = m
@@ -160,7 +161,7 @@ def remove(model: nn.Module, graph, plan: dict[int, torch.Tensor], undo: _Undo) 
     replaced: dict[int, torch.Tensor] = {}
     for fqn, dims in drops.items():
         for name in [fqn] + _aliases(graph).get(fqn, []):
-            mod, attr = _get(model, name)
+            mod, attr = module_attr(model, name)
             old = getattr(mod, attr)
             _replace_sliced(mod, attr, old, dims, replaced, undo)
     drops_leaf = graph.drops_by_leaf({g: u.tolist() for g, u in plan.items()})
@@ -336,7 +337,7 @@ def mask(model: nn.Module, graph, plan: Plan) -> nn.Module:
         object.__setattr__(model, _MASKS, store)
     with torch.no_grad():
         for fqn, dims in drops.items():
-            mod, attr = _get(model, fqn)
+            mod, attr = module_attr(model, fqn)
             t = getattr(mod, attr)
             m = torch.ones_like(t, dtype=torch.bool)
             for d, idx in dims.items():
@@ -356,7 +357,7 @@ def apply_masks(model: nn.Module) -> nn.Module:
     store = getattr(model, _MASKS, {})
     with torch.no_grad():
         for fqn, s in store.items():
-            mod, attr = _get(model, fqn)
+            mod, attr = module_attr(model, fqn)
             getattr(mod, attr).mul_(s["mask"])
     return model
 
@@ -366,7 +367,7 @@ def unmask(model: nn.Module) -> nn.Module:
     store = getattr(model, _MASKS, {})
     with torch.no_grad():
         for fqn, s in store.items():
-            mod, attr = _get(model, fqn)
+            mod, attr = module_attr(model, fqn)
             t = getattr(mod, attr)
             t.copy_(torch.where(s["mask"], t, s["orig"]))
     if hasattr(model, _MASKS):
@@ -392,7 +393,7 @@ def replay_record(model: nn.Module, record: list[Mapping]) -> nn.Module:
             replaced: dict[int, torch.Tensor] = {}
             for fqn, dims in _step_tensors(step).items():
                 try:
-                    mod, attr = _get(model, fqn)
+                    mod, attr = module_attr(model, fqn)
                     old = getattr(mod, attr)
                 except AttributeError:
                     raise PruningError(f"pruning record step {k}: the model has no parameter/buffer {fqn!r}; "
