@@ -205,6 +205,15 @@ def _compare(ref: list[torch.Tensor], out: list[torch.Tensor], rtol: float, atol
     return None
 
 
+def check_graph(model: nn.Module, graph) -> None:
+    """Refuse a graph that does not describe ``model`` as it is now (pruned since, or another object)."""
+    if graph.stale:
+        raise PruningError("this graph was already used to prune the model; call pk.analyze() again on the "
+                           "pruned model before pruning further")
+    if graph.model_ref is not model:
+        raise PruningError("the graph was built from a different model object; analyze this model first")
+
+
 def prune(model: nn.Module, graph, plan: Plan, *, verify: bool = True, rtol: float = 1e-3,
           atol: float = 1e-4) -> nn.Module:
     """Remove ``plan``'s units from ``model`` in place and return it.
@@ -213,11 +222,7 @@ def prune(model: nn.Module, graph, plan: Plan, *, verify: bool = True, rtol: flo
     for exact groups the pruned output must match the original with those units zeroed.  On any
     failure the model is restored and :class:`VerificationError` explains why.
     """
-    if graph.stale:
-        raise PruningError("this graph was already used to prune the model; call pk.analyze() again on the "
-                           "pruned model before pruning further")
-    if graph.model_ref is not model:
-        raise PruningError("the graph was built from a different model object; analyze this model first")
+    check_graph(model, graph)
     norm = normalize_plan(graph, plan)
     if not norm:
         return model
@@ -276,8 +281,7 @@ def pruned_copy(model: nn.Module, graph, plan: Plan, *, verify: bool = True) -> 
     candidates are built for latency targets and adaptive search.
     """
     import copy
-    if graph.model_ref is not model:
-        raise PruningError("the graph was built from a different model object; analyze this model first")
+    check_graph(model, graph)
     trial = copy.deepcopy(model)
     ref, stale = graph.model_ref, graph.stale
     try:
@@ -325,10 +329,7 @@ _MASKS = "_prunekit_masks"
 
 def mask(model: nn.Module, graph, plan: Plan) -> nn.Module:
     """Soft pruning: zero the plan's units in place and remember them (see :func:`apply_masks`)."""
-    if graph.stale:
-        raise PruningError("this graph describes the model before it was pruned; call pk.analyze() again")
-    if graph.model_ref is not model:
-        raise PruningError("the graph was built from a different model object; analyze this model first")
+    check_graph(model, graph)
     norm = normalize_plan(graph, plan)
     drops = param_drops(graph, norm)
     store = getattr(model, _MASKS, None)
