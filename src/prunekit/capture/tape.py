@@ -16,8 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
-from torch.utils.weak import WeakIdKeyDictionary
+from torch.utils._pytree import tree_flatten, tree_map
 
 log = logging.getLogger("prunekit.capture")
 
@@ -45,14 +44,31 @@ class OpRecord:
     outputs: list  # output structure with TRef / None
     module: str  # fqn of the innermost executing module ("" = root)
     inplace_of: int | None = None  # node id of the mutated input, if in-place
+    _ins: list | None = field(default=None, repr=False, compare=False)
+    _outs: list | None = field(default=None, repr=False, compare=False)
 
     def inputs(self) -> list["TRef"]:
-        flat, _ = tree_flatten((self.args, self.kwargs))
-        return [a for a in flat if isinstance(a, TRef)]
+        if self._ins is None:
+            self._ins = _collect_refs((self.args, tuple(self.kwargs.values())), [])
+        return self._ins
 
     def outs(self) -> list["TRef"]:
-        flat, _ = tree_flatten(self.outputs)
-        return [a for a in flat if isinstance(a, TRef)]
+        if self._outs is None:
+            self._outs = _collect_refs(self.outputs, [])
+        return self._outs
+
+
+def _collect_refs(x: Any, acc: list) -> list:
+    """The TRefs inside a recorded argument/output structure (lists, tuples and dicts), in order."""
+    if isinstance(x, TRef):
+        acc.append(x)
+    elif isinstance(x, (list, tuple)):
+        for y in x:
+            _collect_refs(y, acc)
+    elif isinstance(x, dict):
+        for y in x.values():
+            _collect_refs(y, acc)
+    return acc
 
 
 @dataclass(frozen=True)
@@ -96,96 +112,140 @@ _CACHEABLE: dict = {}
 _LEAF_OK = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
 
 
-def _is_cacheable(func) -> bool:
-    ok = _CACHEABLE.get(func)
-    if ok is None:
+class _OpInfo:
+    """Per-ATen-overload facts computed once: names, skip flag, mutated first argument, cacheability."""
+
+    __slots__ = ("name", "packet", "skip", "inplace0", "cacheable")
+
+    def __init__(self, func):
         sch = func._schema
-        ok = (not any(a.alias_info is not None for a in sch.arguments)
-              and all(r.alias_info is None and str(r.type) == "Tensor" for r in sch.returns)
-              and len(sch.returns) > 0 and not sch.is_mutable
-              and func.overloadpacket.__name__ not in ("nonzero", "unique", "masked_select", "item"))
-        _CACHEABLE[func] = ok
-    return ok
+        self.name = str(func)
+        self.packet = func.overloadpacket.__name__
+        self.skip = self.packet in _SKIP
+        mutated = [i for i, a in enumerate(sch.arguments) if a.alias_info is not None and a.alias_info.is_write]
+        self.inplace0 = bool(mutated) and mutated[0] == 0
+        self.cacheable = (not any(a.alias_info is not None for a in sch.arguments)
+                          and all(r.alias_info is None and str(r.type) == "Tensor" for r in sch.returns)
+                          and len(sch.returns) > 0 and not sch.is_mutable
+                          and self.packet not in ("nonzero", "unique", "masked_select", "item"))
 
 
-def _meta_call(func, args, kwargs, flat):
-    """``func(*args, **kwargs)``, replaying cached output metadata when every tensor input is on meta
-    (``flat`` = the flattened ``(args, kwargs)``)."""
-    if not _is_cacheable(func):
+_OPINFO: dict = {}
+
+
+def _op_info(func) -> _OpInfo:
+    info = _OPINFO.get(func)
+    if info is None:
+        info = _OPINFO[func] = _OpInfo(func)
+    return info
+
+
+def _is_cacheable(func) -> bool:
+    return _op_info(func).cacheable
+
+
+class _NoKey(Exception):
+    pass
+
+
+def _sig(a: Any, n_tensors: list) -> Any:
+    """Hashable metadata signature of one ATen argument (nesting kept: ``[1], [2, 3]`` != ``[1, 2], [3]``)."""
+    if isinstance(a, torch.Tensor):
+        if a.device.type != "meta":
+            raise _NoKey
+        n_tensors[0] += 1
+        return (a.shape, a.stride(), a.dtype)
+    if isinstance(a, (list, tuple)):
+        return (len(a), *[_sig(x, n_tensors) for x in a])
+    if isinstance(a, _LEAF_OK):
+        return (type(a), a)
+    raise _NoKey
+
+
+def _meta_call(func, args, kwargs, info: _OpInfo | None = None):
+    """``func(*args, **kwargs)``, replaying cached output metadata when every tensor input is on meta."""
+    if info is None:
+        info = _op_info(func)
+    if not info.cacheable:
         return func(*args, **kwargs)
-    key = [func]
-    n_tensors = 0
-    for a in flat:
-        if isinstance(a, torch.Tensor):
-            if a.device.type != "meta":
-                return func(*args, **kwargs)
-            n_tensors += 1
-            key.append((tuple(a.shape), a.stride(), a.dtype))
-        elif isinstance(a, _LEAF_OK):
-            key.append((type(a), a))
-        else:
-            return func(*args, **kwargs)
-    if n_tensors == 0:  # a factory op (arange, zeros, ...): its device is not implied by any input
+    n_tensors = [0]
+    try:
+        key = (func, *[_sig(x, n_tensors) for x in args], *[(k, _sig(v, n_tensors)) for k, v in kwargs.items()])
+    except _NoKey:
         return func(*args, **kwargs)
-    key = tuple(key)
+    if n_tensors[0] == 0:  # a factory op (arange, zeros, ...): its device is not implied by any input
+        return func(*args, **kwargs)
     hit = _META_CACHE.get(key)
     if hit is not None:
-        metas, spec = hit
-        return tree_unflatten([torch.empty_strided(sh, st, dtype=dt, device="meta") for sh, st, dt in metas], spec)
+        metas, is_tuple = hit
+        outs = [torch.empty_strided(sh, st, dtype=dt, device="meta") for sh, st, dt in metas]
+        return tuple(outs) if is_tuple else outs[0]
     out = func(*args, **kwargs)
-    oflat, spec = tree_flatten(out)
+    is_tuple = isinstance(out, tuple)
+    oflat = list(out) if is_tuple else [out]
     if all(isinstance(o, torch.Tensor) for o in oflat) and len(_META_CACHE) < _META_CACHE_MAX:
-        _META_CACHE[key] = ([(tuple(o.shape), o.stride(), o.dtype) for o in oflat], spec)
+        _META_CACHE[key] = ([(tuple(o.shape), o.stride(), o.dtype) for o in oflat], is_tuple)
     return out
 
 
 class _Recorder(TorchDispatchMode):
-    def __init__(self, tape: Tape, ids: WeakIdKeyDictionary, stack: list[str], keep: list):
+    def __init__(self, tape: Tape, stack: list[str], keep: list):
         super().__init__()
         self.tape = tape
-        self.ids = ids
+        self.ids: dict[int, int] = {}  # id(tensor) -> node id; ``keep`` holds the tensors, so ids are not reused
         self.stack = stack
-        self.keep = keep  # strong refs (only used for the meta/fake pass, where tensors are free)
+        self.keep = keep
+
+    def node_of(self, t: Any) -> int | None:
+        return self.ids.get(id(t)) if isinstance(t, torch.Tensor) else None
 
     def _new(self, t: torch.Tensor, kind: str, name: str | None = None) -> int:
-        nid = len(self.tape.nodes)
-        self.tape.nodes.append(TNode(nid, tuple(int(s) for s in t.shape), kind, name, t.dtype))
-        self.ids[t] = nid
+        nodes = self.tape.nodes
+        nid = len(nodes)
+        nodes.append(TNode(nid, tuple(t.shape), kind, name, t.dtype))
+        self.ids[id(t)] = nid
         self.keep.append(t)
         return nid
 
-    def _ref(self, x: Any) -> Any:
+    def _ref(self, x: Any, ins: list) -> Any:
         if isinstance(x, torch.Tensor):
-            nid = self.ids.get(x)
+            nid = self.ids.get(id(x))
             if nid is None:
                 nid = self._new(x, "const", None)
-            return TRef(nid)
+            r = TRef(nid)
+            ins.append(r)
+            return r
+        if isinstance(x, (list, tuple)):
+            return type(x)([self._ref(y, ins) for y in x]) if type(x) in (list, tuple) else \
+                tuple(self._ref(y, ins) for y in x)
         return x
+
+    def _out(self, o: Any, outs: list) -> Any:
+        if isinstance(o, torch.Tensor):
+            r = TRef(self._new(o, "op"))
+            outs.append(r)
+            return r
+        if isinstance(o, (list, tuple)):
+            return (list if isinstance(o, list) else tuple)(self._out(y, outs) for y in o)
+        return None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        flat, in_spec = tree_flatten((args, kwargs))
-        out = _meta_call(func, args, kwargs, flat)
-        packet = func.overloadpacket.__name__
-        if packet in _SKIP:
+        info = _OPINFO.get(func) or _op_info(func)
+        out = _meta_call(func, args, kwargs, info)
+        if info.skip:
             return out
-        rargs, rkwargs = tree_unflatten([self._ref(a) for a in flat], in_spec)
-        schema = func._schema
-        inplace_of = None
-        mutated = [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
-        if mutated and isinstance(rargs[0] if rargs else None, TRef) and mutated[0] == 0:
-            inplace_of = rargs[0].id
-        outs_flat, spec = tree_flatten(out)
-        new_out = []
-        for o in outs_flat:
-            if isinstance(o, torch.Tensor):
-                new_out.append(TRef(self._new(o, "op")))
-            else:
-                new_out.append(None)
-        rec = OpRecord(len(self.tape.ops), str(func), packet, tuple(rargs), rkwargs,
-                       tree_unflatten(new_out, spec) if new_out else [], self.stack[-1] if self.stack else "",
-                       inplace_of)
-        self.tape.ops.append(rec)
+        ins: list = []
+        rargs = tuple([self._ref(a, ins) for a in args])
+        rkwargs = {k: self._ref(v, ins) for k, v in kwargs.items()} if kwargs else {}
+        inplace_of = rargs[0].id if info.inplace0 and rargs and isinstance(rargs[0], TRef) else None
+        outs: list = []
+        routs = self._out(out, outs)
+        if routs is None:
+            routs = []
+        tape = self.tape
+        tape.ops.append(OpRecord(len(tape.ops), info.name, info.packet, rargs, rkwargs, routs,
+                                 self.stack[-1] if self.stack else "", inplace_of, ins, outs))
         return out
 
 
@@ -201,10 +261,11 @@ class _SDPAMarker(torch.overrides.TorchFunctionMode):
         if func is torch.nn.functional.scaled_dot_product_attention:
             q = args[0] if args else kwargs.get("query")
             scale = kwargs.get("scale", args[6] if len(args) > 6 else None)
-            if isinstance(q, torch.Tensor) and q in self.rec.ids:
+            nid = self.rec.node_of(q)
+            if nid is not None:
                 tape = self.rec.tape
                 tape.ops.append(OpRecord(len(tape.ops), "prunekit.sdpa_scale", "prunekit.sdpa_scale",
-                                         (TRef(self.rec.ids[q]), scale), {}, [],
+                                         (TRef(nid), scale), {}, [],
                                          self.rec.stack[-1] if self.rec.stack else ""))
         return func(*args, **kwargs)
 
@@ -312,10 +373,9 @@ def capture(model: nn.Module, example_inputs: Any, forward_fn: Callable | None =
 
 def _capture_once(model: nn.Module, example_inputs: Any, forward_fn: Callable | None, mode: str) -> Tape:
     tape = Tape(device=mode)
-    ids = WeakIdKeyDictionary()
     stack: list[str] = []
     keep: list = []
-    rec = _Recorder(tape, ids, stack, keep)
+    rec = _Recorder(tape, stack, keep)
     tape.modules = {n: type(m).__name__ for n, m in model.named_modules()}
 
     # state tensors by identity (tied weights appear once, aliases remembered)
@@ -366,9 +426,10 @@ def _capture_once(model: nn.Module, example_inputs: Any, forward_fn: Callable | 
             def mha_hook(m, args, kwargs, output, _n=mname):
                 q = args[0] if args else kwargs.get("query")
                 w = m.in_proj_weight if m._qkv_same_embed_dim else m.q_proj_weight  # the swapped-in tensor
-                if isinstance(q, torch.Tensor) and q in ids and w in ids:
+                qn, wn = rec.node_of(q), rec.node_of(w)
+                if qn is not None and wn is not None:
                     tape.ops.append(OpRecord(len(tape.ops), "prunekit.mha_constraint", "prunekit.mha_constraint",
-                                             (TRef(ids[q]), TRef(ids[w]), m._qkv_same_embed_dim), {}, [], _n))
+                                             (TRef(qn), TRef(wn), m._qkv_same_embed_dim), {}, [], _n))
             mha_handles.append(mod.register_forward_hook(mha_hook, with_kwargs=True))
     fast = torch.backends.mha.get_fastpath_enabled() if hasattr(torch.backends, "mha") else None
     with eval_mode(model), torch.no_grad(), module_stack_hooks(model, stack):
@@ -388,7 +449,7 @@ def _capture_once(model: nn.Module, example_inputs: Any, forward_fn: Callable | 
                 h.remove()
     outs, paths = flatten_outputs(out)
     for t, p in zip(outs, paths):
-        nid = ids.get(t)
+        nid = rec.node_of(t)
         if nid is not None:
             tape.outputs.append(nid)
             tape.output_paths.append(p)
