@@ -322,17 +322,23 @@ def eval_mode(model: nn.Module):
 
 
 @contextlib.contextmanager
-def module_stack_hooks(model: nn.Module, stack: list[str]):
-    handles = []
-    for name, mod in model.named_modules():
-        def pre(m, a, _n=name):
-            stack.append(_n)
+def module_stack_hooks(names: dict[int, str], stack: list[str]):
+    """Keep ``stack`` = fqns of the executing modules of one model (``names``: id(module) -> fqn).
 
-        def post(m, a, o, _n=name):
-            if stack and stack[-1] == _n:
-                stack.pop()
-        handles.append(mod.register_forward_pre_hook(pre))
-        handles.append(mod.register_forward_hook(post, always_call=True))
+    Two global module hooks instead of two hooks per module: registering and removing ~2 hooks per
+    module on every capture cost more than the forward itself on meta."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    def pre(m, a):
+        n = names.get(id(m))
+        if n is not None:
+            stack.append(n)
+
+    def post(m, a, o):
+        n = names.get(id(m))
+        if n is not None and stack and stack[-1] == n:
+            stack.pop()
+    handles = [register_module_forward_pre_hook(pre), register_module_forward_hook(post, always_call=True)]
     try:
         yield
     finally:
@@ -376,7 +382,10 @@ def _capture_once(model: nn.Module, example_inputs: Any, forward_fn: Callable | 
     stack: list[str] = []
     keep: list = []
     rec = _Recorder(tape, stack, keep)
-    tape.modules = {n: type(m).__name__ for n, m in model.named_modules()}
+    named = list(model.named_modules())
+    tape.modules = {n: type(m).__name__ for n, m in named}
+    names = {id(m): n for n, m in named}
+    by_name = dict(model.named_modules(remove_duplicate=False))
 
     # state tensors by identity (tied weights appear once, aliases remembered)
     state: dict[str, torch.Tensor] = {}
@@ -403,7 +412,8 @@ def _capture_once(model: nn.Module, example_inputs: Any, forward_fn: Callable | 
     for src in state:
         for n in [src] + tape.param_aliases.get(src, []):
             mod_name, _, attr = n.rpartition(".")
-            key = (id(model.get_submodule(mod_name) if mod_name else model), attr)
+            mod = by_name.get(mod_name)
+            key = (id(mod if mod is not None else model.get_submodule(mod_name)), attr)
             if key not in slots:
                 slots.add(key)
                 call_state[n] = state[src]
@@ -421,7 +431,7 @@ def _capture_once(model: nn.Module, example_inputs: Any, forward_fn: Callable | 
         return call_model(m, inputs, forward_fn)
 
     mha_handles = []
-    for mname, mod in model.named_modules():
+    for mname, mod in named:
         if isinstance(mod, nn.MultiheadAttention):
             def mha_hook(m, args, kwargs, output, _n=mname):
                 q = args[0] if args else kwargs.get("query")
@@ -432,7 +442,7 @@ def _capture_once(model: nn.Module, example_inputs: Any, forward_fn: Callable | 
                                              (TRef(qn), TRef(wn), m._qkv_same_embed_dim), {}, [], _n))
             mha_handles.append(mod.register_forward_hook(mha_hook, with_kwargs=True))
     fast = torch.backends.mha.get_fastpath_enabled() if hasattr(torch.backends, "mha") else None
-    with eval_mode(model), torch.no_grad(), module_stack_hooks(model, stack):
+    with eval_mode(model), torch.no_grad(), module_stack_hooks(names, stack):
         if fast is not None:
             torch.backends.mha.set_fastpath_enabled(False)
         try:
