@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .capture.tape import Tape, capture
+from .capture.tape import Tape, capture, meta_view
 from .metrics.flops import op_macs
 from .spaces import core as C
 from .spaces.graph import Analyzer, Binding, Group, Member
@@ -229,12 +229,14 @@ class PruneGraph:
 
     # ------------------------------------------------------------------ dry run
     def validate(self, model: nn.Module) -> list[int]:
-        """Dry-run pruning on a meta copy of ``model`` and pin groups whose removal breaks the forward.
+        """Dry-run pruning on a meta view of ``model`` and pin groups whose removal breaks the forward.
 
-        Every prunable group loses a few units (different counts per group); the copy is re-captured and
-        each op's output shape must equal the shape the channel analysis predicts.  A forward that
+        The user's parameters and buffers are swapped for empty meta tensors (no copy of the model, no
+        weight memory); every prunable group loses a few units (different counts per group), the model
+        is re-captured and each op's output shape must equal the shape the channel analysis predicts.  A forward that
         hard-codes a size (a reshape with a constant, a check against an attribute prunekit does not
         know) fails here, and the offending groups are found by bisection and pinned with the reason.
+        Every change is rolled back after each check and the original tensors are restored on exit.
         Returns the ids of newly pinned groups.
         """
         from .surgery.apply import _Undo, remove
@@ -242,7 +244,6 @@ class PruneGraph:
         cands = [g for g in self.prunable_groups]
         if not cands:
             return []
-        meta = _meta_copy(model)
         # different counts per group (catches code that assumes equal halves); keep >= 2 units where possible
         plan_all = {g.id: torch.arange(max(1, min(g.size - 2, 1 + (g.id % 3)))) for g in cands}
         errors: dict[int, str] = {}
@@ -252,8 +253,8 @@ class PruneGraph:
             plan = {i: plan_all[i] for i in gids}
             undo = _Undo()
             try:
-                remove(meta, self, plan, undo)
-                tape = capture(meta, _to_meta(self.example_inputs), self.forward_fn, device="meta")
+                remove(model, self, plan, undo)  # on the meta view: only shapes and attributes change
+                tape = capture(model, inputs, self.forward_fn, device="meta")
                 msg, at = self._compare_tape(tape, plan)
                 return msg, self._groups_at(at)
             except Exception as e:  # noqa: BLE001 - any failure means this plan breaks the forward
@@ -303,9 +304,11 @@ class PruneGraph:
                 for i in gids:
                     errors[i] = msg
 
-        msg, near = check([g.id for g in cands])
-        if msg:
-            bisect([g.id for g in cands], msg, near)
+        inputs = _to_meta(self.example_inputs)
+        with meta_view(model):  # the user's tensors are swapped out; every change is rolled back per check
+            msg, near = check([g.id for g in cands])
+            if msg:
+                bisect([g.id for g in cands], msg, near)
         for gid, m in errors.items():
             g = self.groups[gid]
             g.prunable = False

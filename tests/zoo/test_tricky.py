@@ -939,3 +939,44 @@ def test_dry_run_pins_exactly_the_hard_coded_groups_in_every_block():
     plan = {g.id: [0] for g in graph.prunable_groups}
     pk.prune(model, graph, plan)
     assert model(x).shape == (2, 6, 2)
+
+
+
+def test_dry_run_on_the_meta_view_leaves_the_model_untouched():
+    """The dry run removes channels from the user's own module (with its tensors swapped for meta ones)
+    and rolls every change back: same tensor objects and values, same attributes, ties kept, even when
+    checks fail and are bisected (a literal 4 in the forward) and when the model has tied weights."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.conv = nn.Conv1d(8, 8, 1)
+            self.bn = nn.BatchNorm1d(8)
+            self.fc = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.emb.weight  # tied
+
+        def forward(self, ids):
+            x = self.bn(self.conv(self.emb(ids).transpose(1, 2))).transpose(1, 2)
+            y = self.fc(x)
+            y = y.view(y.shape[0], y.shape[1], 4, -1).flatten(2)  # the literal 4 pins fc's channels
+            return self.head(x + y)
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    ids = torch.randint(0, 10, (2, 5))
+    ref = model(ids)
+    tensors = {k: (v, v.detach().clone()) for k, v in list(model.named_parameters()) + list(model.named_buffers())}
+    attrs = {n: dict(vars(m)) for n, m in model.named_modules()}
+    graph = pk.analyze(model, ids)
+    assert any(not g.prunable and "dry-run" in g.reason for g in graph.groups), graph.summary()
+    assert any(g.prunable for g in graph.groups)
+    assert model.head.weight is model.emb.weight
+    for k, v in list(model.named_parameters()) + list(model.named_buffers()):
+        assert v is tensors[k][0] and v.device.type == "cpu", k
+        torch.testing.assert_close(v, tensors[k][1], rtol=0, atol=0)
+    for n, m in model.named_modules():
+        now = {k: v for k, v in vars(m).items() if not k.startswith("_")}
+        assert now == {k: v for k, v in attrs[n].items() if not k.startswith("_")}, n
+        assert set(m._parameters) == set(attrs[n]["_parameters"])
+    torch.testing.assert_close(model(ids), ref, rtol=0, atol=0)

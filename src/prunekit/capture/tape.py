@@ -388,35 +388,14 @@ def _capture_once(model: nn.Module, example_inputs: Any, forward_fn: Callable | 
     by_name = dict(model.named_modules(remove_duplicate=False))
 
     # state tensors by identity (tied weights appear once, aliases remembered)
-    state: dict[str, torch.Tensor] = {}
-    seen: dict[int, str] = {}
-    for kind, items in (("param", model.named_parameters(remove_duplicate=False)),
-                        ("buffer", model.named_buffers(remove_duplicate=False))):
-        for name, t in items:
-            if id(t) in seen:
-                tape.param_aliases.setdefault(seen[id(t)], []).append(name)
-                continue
-            seen[id(t)] = name
-            if mode == "meta":
-                s = torch.empty_like(t, device="meta")
-            elif kind == "buffer":
-                s = t.clone()
-            else:
-                s = t.detach()
-            state[name] = s
-            rec._new(s, kind, name)
-    # bind every alias name to the same tensor, but each (module, attribute) slot only once: a module
-    # registered under two names would otherwise be restored with the swapped-in tensor
-    call_state = {}
-    slots: set[tuple[int, str]] = set()
-    for src in state:
-        for n in [src] + tape.param_aliases.get(src, []):
-            mod_name, _, attr = n.rpartition(".")
-            mod = by_name.get(mod_name)
-            key = (id(mod if mod is not None else model.get_submodule(mod_name)), attr)
-            if key not in slots:
-                slots.add(key)
-                call_state[n] = state[src]
+    def swap(kind, t):
+        if mode == "meta":
+            return t if t.is_meta else torch.empty_like(t, device="meta")
+        return t.clone() if kind == "buffer" else t.detach()
+    state, aliases, call_state = _swapped_state(model, swap, by_name)
+    tape.param_aliases = aliases
+    for (kind, name), t in state.items():
+        rec._new(t, kind, name)
 
     def conv_in(x):
         if isinstance(x, torch.Tensor):
@@ -466,6 +445,53 @@ def _capture_once(model: nn.Module, example_inputs: Any, forward_fn: Callable | 
     if not tape.outputs:
         raise CaptureError("the model returned no tensor output on the example input")
     return tape
+
+
+def _swapped_state(model: nn.Module, make: Callable[[str, torch.Tensor], torch.Tensor],
+                   by_name: dict[str, nn.Module] | None = None):
+    """Replacement tensors for every parameter and buffer of ``model``, made by ``make(kind, tensor)``.
+
+    Returns ``(state, aliases, call_state)``: ``state`` maps ``(kind, fqn)`` of each distinct tensor to
+    its replacement, ``aliases`` maps an fqn to the other names of the same tensor (tied weights), and
+    ``call_state`` binds every name to the shared replacement for ``_reparametrize_module`` -- each
+    (module, attribute) slot only once: a module registered under two names would otherwise be restored
+    with the swapped-in tensor.
+    """
+    if by_name is None:
+        by_name = dict(model.named_modules(remove_duplicate=False))
+    state: dict[tuple[str, str], torch.Tensor] = {}
+    aliases: dict[str, list[str]] = {}
+    seen: dict[int, str] = {}
+    for kind, items in (("param", model.named_parameters(remove_duplicate=False)),
+                        ("buffer", model.named_buffers(remove_duplicate=False))):
+        for name, t in items:
+            if id(t) in seen:
+                aliases.setdefault(seen[id(t)], []).append(name)
+                continue
+            seen[id(t)] = name
+            state[(kind, name)] = make(kind, t)
+    call_state = {}
+    slots: set[tuple[int, str]] = set()
+    for (_, src), t in state.items():
+        for n in [src] + aliases.get(src, []):
+            mod_name, _, attr = n.rpartition(".")
+            mod = by_name.get(mod_name)
+            key = (id(mod if mod is not None else model.get_submodule(mod_name)), attr)
+            if key not in slots:
+                slots.add(key)
+                call_state[n] = t
+    return state, aliases, call_state
+
+
+@contextlib.contextmanager
+def meta_view(model: nn.Module):
+    """Temporarily swap every parameter and buffer of ``model`` for an empty meta tensor of the same
+    shape (tied weights stay tied).  Structural work (a dry-run removal, a shape-only capture) can then
+    change the model without a deep copy; the original tensors are restored on exit."""
+    from torch.nn.utils.stateless import _reparametrize_module
+    _, _, call_state = _swapped_state(model, lambda kind, t: torch.empty_like(t, device="meta"))
+    with _reparametrize_module(model, call_state, tie_weights=False, strict=False):
+        yield model
 
 
 def _fc(model: nn.Module, state: dict, run: Callable):

@@ -37,6 +37,9 @@ class Member:
     pos: int  # which factor is the group's leaf
 
     def indices(self, units: torch.Tensor) -> torch.Tensor:
+        """Sorted indices along ``dim`` owned by ``units`` (sorted, unique) of the leaf."""
+        if len(self.sizes) == 1:  # the common case: the leaf is the whole term
+            return units + self.offset
         strides = [math.prod(self.sizes[k + 1:]) for k in range(len(self.sizes))]
         idx = torch.zeros((), dtype=torch.long)
         for k, (n, st) in enumerate(zip(self.sizes, strides)):

@@ -61,11 +61,19 @@ def param_drops(graph, plan: dict[int, torch.Tensor]) -> dict[str, dict[int, tor
     for gid, u in plan.items():
         for fqn, dim, idx in graph.group(gid).slices(u):
             acc[fqn][dim].append(idx)
-    return {f: {d: torch.unique(torch.cat(v)) for d, v in dims.items()} for f, dims in acc.items()}
+    return {f: {d: v[0] if len(v) == 1 else torch.unique(torch.cat(v)) for d, v in dims.items()}
+            for f, dims in acc.items()}
 
 
 def slice_tensor(t: torch.Tensor, dims: Mapping[int, torch.Tensor], mode: str = "remove") -> torch.Tensor:
     """The one slicing routine: remove (``mode="remove"``) or zero (``"mask"``) indices along dims."""
+    if mode == "remove" and t.is_meta:  # no data: only the shape changes (the dry run slices meta copies)
+        shape = list(t.shape)
+        for d, idx in dims.items():
+            keep = torch.ones(shape[d], dtype=torch.bool)
+            keep[idx.cpu()] = False
+            shape[d] = int(keep.sum())
+        return t.new_empty(shape)
     out = t.detach()
     if mode == "mask":
         out = out.clone()
