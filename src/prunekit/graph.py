@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .capture.tape import Tape, capture, meta_view
+from .capture.tape import Tape, capture, meta_view, trace_shapes
 from .metrics.flops import op_macs
 from .spaces import core as C
 from .spaces.graph import Analyzer, Binding, Group, Member
@@ -254,12 +254,12 @@ class PruneGraph:
             undo = _Undo()
             try:
                 remove(model, self, plan, undo)  # on the meta view: only shapes and attributes change
-                tape = capture(model, inputs, self.forward_fn, device="meta")
-                msg, at = self._compare_tape(tape, plan)
+                ops, out_shapes = trace_shapes(model, inputs, self.forward_fn)
+                msg, at = self._compare_trace(ops, out_shapes, plan)
                 return msg, self._groups_at(at)
             except Exception as e:  # noqa: BLE001 - any failure means this plan breaks the forward
-                cause = e.__cause__ if e.__cause__ is not None else e
-                at = getattr(cause, "prunekit_ops_recorded", None)
+                k = getattr(e, "prunekit_ops_recorded", None)  # the k-th ATen op of the tape failed
+                at = aten_ops[k].index if k is not None and k < len(aten_ops) else None
                 return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", self._groups_at(at)
             finally:
                 undo.rollback()
@@ -304,7 +304,8 @@ class PruneGraph:
                 for i in gids:
                     errors[i] = msg
 
-        inputs = _to_meta(self.example_inputs)
+        inputs = self.example_inputs
+        aten_ops = [op for op in self.tape.ops if not op.name.startswith("prunekit.")]
         with meta_view(model):  # the user's tensors are swapped out; every change is rolled back per check
             msg, near = check([g.id for g in cands])
             if msg:
@@ -317,20 +318,25 @@ class PruneGraph:
             log.info("dry run pinned %d group(s): %s", len(errors), sorted(errors))
         return sorted(errors)
 
-    def _compare_tape(self, tape: Tape, plan) -> tuple[str | None, int | None]:
-        """(mismatch message or None, index of the first mismatching op when known)."""
+    def _compare_trace(self, ops: list, out_shapes: list, plan) -> tuple[str | None, int | None]:
+        """Compare a dry run's (op name, output shapes) trace with the shapes the analysis predicts.
+
+        Returns (mismatch message or None, tape index of the first mismatching op when known)."""
         drops = self.drops_by_leaf({k: v.tolist() for k, v in plan.items()})
-        if len(tape.ops) != len(self.tape.ops) or any(a.name != b.name for a, b in zip(self.tape.ops, tape.ops)):
+        nodes = self.tape.nodes
+
+        def expected(nid):
+            return tuple(self.dim_size(nid, d, drops) for d in range(len(nodes[nid].shape)))
+        aten_ops = [op for op in self.tape.ops if not op.name.startswith("prunekit.")]
+        if len(ops) != len(aten_ops) or any(a.name != name for a, (name, _) in zip(aten_ops, ops)):
             # the op sequence changed (e.g. a dim became 1): compare the model outputs only
-            for i, (na, nb) in enumerate(zip(self.tape.outputs, tape.outputs)):
-                exp = tuple(self.dim_size(na, d, drops) for d in range(len(self.tape.nodes[na].shape)))
-                if exp != tape.nodes[nb].shape:
-                    return f"output {i} has shape {tape.nodes[nb].shape}, expected {exp}", None
+            for i, (na, got) in enumerate(zip(self.tape.outputs, out_shapes)):
+                if expected(na) != got:
+                    return f"output {i} has shape {got}, expected {expected(na)}", None
             return None, None
-        for a, b in zip(self.tape.ops, tape.ops):
-            for ra, rb in zip(a.outs(), b.outs()):
-                exp = tuple(self.dim_size(ra.id, d, drops) for d in range(len(self.tape.nodes[ra.id].shape)))
-                got = tape.nodes[rb.id].shape
+        for a, (_, shapes) in zip(aten_ops, ops):
+            for ra, got in zip(a.outs(), shapes):
+                exp = expected(ra.id)
                 if exp != got:
                     return (f"{a.name} in {a.module or '<root>'} produces shape {got}, expected {exp} "
                             "(the forward hard-codes a size)"), a.index
@@ -400,11 +406,6 @@ def _meta_copy(model: nn.Module) -> nn.Module:
         mt = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(mt, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else mt
     return copy.deepcopy(model, memo)
-
-
-def _to_meta(x: Any) -> Any:
-    from torch.utils._pytree import tree_map
-    return tree_map(lambda t: torch.empty_like(t, device="meta") if isinstance(t, torch.Tensor) else t, x)
 
 
 def analyze(model: nn.Module, example_inputs: Any = None, forward_fn: Callable | None = None, *,

@@ -420,20 +420,11 @@ def _capture_once(model: nn.Module, example_inputs: Any, forward_fn: Callable | 
                     tape.ops.append(OpRecord(len(tape.ops), "prunekit.mha_constraint", "prunekit.mha_constraint",
                                              (TRef(qn), TRef(wn), m._qkv_same_embed_dim), {}, [], _n))
             mha_handles.append(mod.register_forward_hook(mha_hook, with_kwargs=True))
-    fast = torch.backends.mha.get_fastpath_enabled() if hasattr(torch.backends, "mha") else None
-    with eval_mode(model), torch.no_grad(), module_stack_hooks(names, stack):
-        if fast is not None:
-            torch.backends.mha.set_fastpath_enabled(False)
+    with eval_mode(model), torch.no_grad(), module_stack_hooks(names, stack), _no_mha_fastpath():
         try:
             with _SDPAMarker(rec), rec:
-                try:
-                    out = _fc(model, call_state, run)
-                except Exception as e:
-                    e.prunekit_ops_recorded = len(tape.ops)  # the failing op is the next one (dry-run localisation)
-                    raise
+                out = _fc(model, call_state, run)
         finally:
-            if fast is not None:
-                torch.backends.mha.set_fastpath_enabled(fast)
             for h in mha_handles:
                 h.remove()
     outs, paths = flatten_outputs(out)
@@ -492,6 +483,63 @@ def meta_view(model: nn.Module):
     _, _, call_state = _swapped_state(model, lambda kind, t: torch.empty_like(t, device="meta"))
     with _reparametrize_module(model, call_state, tie_weights=False, strict=False):
         yield model
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath():
+    """nn.MultiheadAttention's fused inference path hides its ops; the slow path is recorded op by op."""
+    fast = torch.backends.mha.get_fastpath_enabled() if hasattr(torch.backends, "mha") else None
+    if fast is not None:
+        torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        if fast is not None:
+            torch.backends.mha.set_fastpath_enabled(fast)
+
+
+def _out_shapes(o: Any, acc: list) -> list:
+    if isinstance(o, torch.Tensor):
+        acc.append(tuple(o.shape))
+    elif isinstance(o, (list, tuple)):
+        for y in o:
+            _out_shapes(y, acc)
+    return acc
+
+
+class _ShapeTrace(TorchDispatchMode):
+    """Records only (op name, output shapes) of each ATen call: the dry run's cheap re-capture."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, list[tuple[int, ...]]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        info = _OPINFO.get(func) or _op_info(func)
+        out = _meta_call(func, args, kwargs, info)
+        if not info.skip:
+            self.ops.append((info.name, _out_shapes(out, [])))
+        return out
+
+
+def trace_shapes(model: nn.Module, example_inputs: Any, forward_fn: Callable | None = None):
+    """ATen op names and output shapes of one forward of a model whose tensors live on meta.
+
+    Returns ``(ops, output_shapes)`` with ``ops`` = ``[(name, [shape, ...]), ...]`` in call order (the
+    same ATen ops :func:`capture` records, without its ``prunekit.*`` markers).  If the forward raises,
+    the exception carries ``prunekit_ops_recorded`` = the number of ops traced before the failing one.
+    """
+    tr = _ShapeTrace()
+    inputs = tree_map(lambda t: torch.empty_like(t, device="meta") if isinstance(t, torch.Tensor) else t,
+                      example_inputs)
+    with eval_mode(model), torch.no_grad(), _no_mha_fastpath(), tr:
+        try:
+            out = call_model(model, inputs, forward_fn)
+        except Exception as e:
+            e.prunekit_ops_recorded = len(tr.ops)  # the failing op is the next one (dry-run localisation)
+            raise
+    return tr.ops, [tuple(t.shape) for t in flatten_outputs(out)[0]]
 
 
 def _fc(model: nn.Module, state: dict, run: Callable):

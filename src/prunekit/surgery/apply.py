@@ -25,10 +25,14 @@ class VerificationError(PruningError):
 Plan = Mapping[int, Iterable[int]]
 
 
-def module_attr(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
-    """(owning module, attribute name) of a parameter/buffer name such as ``layer1.0.conv1.weight``."""
+def module_attr(model: nn.Module, fqn: str, modules: Mapping[str, nn.Module] | None = None) -> tuple[nn.Module, str]:
+    """(owning module, attribute name) of a parameter/buffer name such as ``layer1.0.conv1.weight``
+    (``modules``: an optional ``dict(model.named_modules(remove_duplicate=False))`` for many lookups)."""
     mod_name, _, attr = fqn.rpartition(".")
-    return (model.get_submodule(mod_name) if mod_name else model), attr
+    mod = modules.get(mod_name) if modules is not None else None
+    if mod is None:
+        mod = model.get_submodule(mod_name) if mod_name else model
+    return mod, attr
 
 
 def normalize_plan(graph, plan: Plan) -> dict[int, torch.Tensor]:
@@ -67,13 +71,11 @@ def param_drops(graph, plan: dict[int, torch.Tensor]) -> dict[str, dict[int, tor
 
 def slice_tensor(t: torch.Tensor, dims: Mapping[int, torch.Tensor], mode: str = "remove") -> torch.Tensor:
     """The one slicing routine: remove (``mode="remove"``) or zero (``"mask"``) indices along dims."""
-    if mode == "remove" and t.is_meta:  # no data: only the shape changes (the dry run slices meta copies)
+    if mode == "remove" and t.is_meta:  # no data: only the shape changes (the dry run slices meta views)
         shape = list(t.shape)
         for d, idx in dims.items():
-            keep = torch.ones(shape[d], dtype=torch.bool)
-            keep[idx.cpu()] = False
-            shape[d] = int(keep.sum())
-        return t.new_empty(shape)
+            shape[d] -= len(set(idx.tolist()))
+        return torch.empty(shape, dtype=t.dtype, device="meta")
     out = t.detach()
     if mode == "mask":
         out = out.clone()
@@ -167,16 +169,16 @@ def remove(model: nn.Module, graph, plan: dict[int, torch.Tensor], undo: _Undo) 
     """Physically remove the plan's units from ``model`` (in place), recording undo steps."""
     drops = param_drops(graph, plan)
     replaced: dict[int, torch.Tensor] = {}
+    modules = dict(model.named_modules(remove_duplicate=False))
     for fqn, dims in drops.items():
         for name in [fqn] + _aliases(graph).get(fqn, []):
-            mod, attr = module_attr(model, name)
+            mod, attr = module_attr(model, name, modules)
             old = getattr(mod, attr)
             _replace_sliced(mod, attr, old, dims, replaced, undo)
     drops_leaf = graph.drops_by_leaf({g: u.tolist() for g, u in plan.items()})
     for b in graph.bindings:
-        try:
-            mod = model.get_submodule(b.module) if b.module else model
-        except AttributeError:
+        mod = modules.get(b.module)
+        if mod is None:
             continue
         if not hasattr(mod, b.attr):
             continue
@@ -188,7 +190,7 @@ def remove(model: nn.Module, graph, plan: dict[int, torch.Tensor], undo: _Undo) 
             undo.set_attr(mod, b.attr, val)
             log.debug("%s.%s: %s -> %s", b.module, b.attr, cur, val)
     # derived attributes that are not a plain size
-    for name, mod in model.named_modules():
+    for name, mod in modules.items():
         if isinstance(mod, nn.MultiheadAttention) and any(k in drops for k in (f"{name}.in_proj_weight",)):
             if mod.embed_dim % mod.num_heads == 0 and mod.head_dim != mod.embed_dim // mod.num_heads:
                 undo.set_attr(mod, "head_dim", mod.embed_dim // mod.num_heads)
