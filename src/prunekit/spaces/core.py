@@ -80,43 +80,40 @@ def layout_size(l: Layout) -> int:
     return sum(term_size(t) for t in l)
 
 
-def expand_space(s: Space) -> list[Term]:
+def expand_space(s: Space, found: set | None = None) -> list[Term]:
     r = find(s)
     if r.decomp is None:
         return [(r,)]
     kind, parts = r.decomp
     if kind == "cat":
-        return [t for p in parts for t in expand_space(p)]
-    return _expand_prod(parts)
+        return [t for p in parts for t in expand_space(p, found)]
+    return _expand_prod(parts, found)
 
 
-# Spaces met as a split factor *inside* a product (see _expand_prod); the analyzer pins their leaves.
-INTERLEAVED: set = set()
-
-
-def _expand_prod(factors: Sequence[Space]) -> list[Term]:
+def _expand_prod(factors: Sequence[Space], found: set | None = None) -> list[Term]:
     """Row-major product of factors as a concatenation of product terms.
 
     ``A x cat(B, C)`` is *not* ``cat(A x B, A x C)`` when ``|A| > 1`` (row-major interleaves B and C
     blocks per element of A), so a split factor after a leading factor of size > 1 is kept whole
-    (opaque); its parts cannot be cut consistently and are pinned by the analyzer.  A split of the
-    leading factor is exact: ``cat(B, C) x A = cat(B x A, C x A)``.
+    (opaque); its parts cannot be cut consistently and are pinned by the analyzer, which collects such
+    factors in ``found``.  A split of the leading factor is exact: ``cat(B, C) x A = cat(B x A, C x A)``.
     """
     res: list[Term] = [()]
     prefix = 1
     for f in factors:
-        ef = expand_space(f)
+        ef = expand_space(f, found)
         if len(ef) > 1 and prefix > 1:
             r = find(f)
-            INTERLEAVED.add(r)
+            if found is not None:
+                found.add(r)
             ef = [(r,)]
         res = [a + b for a in res for b in ef]
         prefix *= find(f).size
     return res
 
 
-def expand_term(t: Term) -> list[Term]:
-    return _expand_prod(t)
+def expand_term(t: Term, found: set | None = None) -> list[Term]:
+    return _expand_prod(t, found)
 
 
 def expand(l: Layout) -> list[Term]:
