@@ -564,3 +564,29 @@ def test_factory_ops_are_not_replayed_on_the_real_fallback():
     pk.analyze(model, x)  # meta attempt fails at .item(): the real attempt must see a real arange
     graph = pk.analyze(model, x)
     assert graph.tape.device == "real"
+
+
+def test_dry_run_is_skipped_not_pinning_everything_when_the_forward_needs_real_values():
+    """A forward that calls .item() is captured with real tensors; the meta dry run cannot run it at all, so it is
+    skipped (reported) instead of pinning every group; pk.prune's verification still checks the result."""
+    class NeedsValues(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.fc1(x))
+            if float(h.sum().item()) >= 0:  # .item() is impossible on meta
+                h = h * 2
+            return self.fc2(h)
+
+    model = NeedsValues().eval()
+    x = torch.randn(2, 4)
+    graph = pk.analyze(model, x)
+    assert graph.tape.device == "real"
+    assert graph.validation_skipped and "real values" in graph.validation_skipped
+    g = next(g for g in graph.groups if any(m.fqn == "fc1.weight" and m.dim == 0 for m in g.members))
+    assert g.prunable and g.size == 8
+    ref = model(x)
+    pk.prune(model, graph, {g.id: [0, 3]})
+    assert model.fc1.out_features == 6 and model(x).shape == ref.shape

@@ -47,6 +47,7 @@ class PruneGraph:
         self.analysis_seconds = seconds
         self.model_ref = model
         self.stale = False
+        self.validation_skipped: str | None = None  # why the dry run could not run, if it could not
         self.groups: list[Group] = []
         self.bindings: list[Binding] = list(an.bindings.values())
         self.unsupported_ops = {k: sorted(v) for k, v in an.unsupported.items()}
@@ -308,6 +309,16 @@ class PruneGraph:
         inputs = self.example_inputs
         aten_ops = [op for op in self.tape.ops if not op.name.startswith("prunekit.")]
         with meta_view(model):  # the user's tensors are swapped out; every change is rolled back per check
+            if self.tape.device != "meta":
+                # the capture needed real values (.item(), data-dependent shapes): if the unpruned forward
+                # cannot run on meta either, a failing dry run would say nothing about pruning
+                try:
+                    trace_shapes(model, inputs, self.forward_fn)
+                except Exception as e:  # noqa: BLE001
+                    self.validation_skipped = (f"the forward needs real values ({type(e).__name__}: "
+                                               f"{str(e).splitlines()[0][:120]}); pk.prune still verifies")
+                    log.info("dry run skipped: %s", self.validation_skipped)
+                    return []
             msg, near = check([g.id for g in cands])
             if msg:
                 bisect([g.id for g in cands], msg, near)
