@@ -295,7 +295,7 @@ def write_outputs(results: list[dict], meta: dict, out_json: Path, out_md: Path)
              "initialised fp32 weights; `meta` = model built under `torch.device(\"meta\")` (no weight memory). "
              "Speed-up = TP median / prunekit median. `TP graph+groups` adds `list(DG.get_all_groups())` to the "
              "graph build, which is what `pk.analyze` returns (graph and groups); `pk no-validate` is "
-             "`pk.analyze(..., validate=False)` (no dry-run pruning on a meta copy, a check Torch-Pruning does "
+             "`pk.analyze(..., validate=False)` (no dry-run pruning on a meta view of the model, a check Torch-Pruning does "
              "not make).", "",
              "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in results:

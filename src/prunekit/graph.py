@@ -246,8 +246,7 @@ class PruneGraph:
         cands = [g for g in self.prunable_groups]
         if not cands:
             return []
-        # different counts per group (catches code that assumes equal halves); keep >= 2 units where possible
-        plan_all = {g.id: torch.arange(max(1, min(g.size - 2, 1 + (g.id % 3)))) for g in cands}
+        plan_all = _dry_run_plan(cands)
         errors: dict[int, str] = {}
 
         def check(gids: list[int]) -> tuple[str | None, set[int]]:
@@ -410,6 +409,24 @@ class PruneGraph:
                f"{len(self.tape.ops)} ops)"
 
 
+def _dry_run_plan(groups: list[Group]) -> dict[int, torch.Tensor]:
+    """Units each group loses in the dry run: different counts for groups of equal size.
+
+    Two groups whose sizes meet in one op (a reshape that takes its target width from another tensor,
+    e.g. ``x.reshape(B, N, C)`` of an attention output sized by the block input) can only fail the
+    dry run if they shrink differently: with equal counts the shapes coincide and a model that breaks
+    for any other plan would pass.  So groups of the same size get distinct counts (1, 2, 3, ... by
+    id, wrapping at about half the size); at least 2 units are kept where possible."""
+    rank: dict[int, int] = defaultdict(int)
+    plan = {}
+    for g in sorted(groups, key=lambda g: g.id):
+        k = rank[g.size]
+        rank[g.size] += 1
+        span = max(1, min(g.size - 2, max(3, g.size // 2)))
+        plan[g.id] = torch.arange(1 + k % span)
+    return plan
+
+
 def _meta_copy(model: nn.Module) -> nn.Module:
     """A structural copy of ``model`` whose parameters and buffers live on the meta device."""
     import copy
@@ -428,7 +445,8 @@ def analyze(model: nn.Module, example_inputs: Any = None, forward_fn: Callable |
     dict of keyword inputs; ``forward_fn(model, example_inputs)`` customises the call.
     ``device="meta"`` analyses without weight memory (the default ``"auto"`` tries meta first).
     ``prune_outputs=True`` allows pruning channels that reach the model's outputs.
-    ``validate=True`` dry-runs pruning on a meta copy and pins groups whose removal breaks the
+    ``validate=True`` dry-runs pruning on a meta view of the model (its tensors swapped for meta ones,
+    every change rolled back) and pins groups whose removal breaks the
     forward (hard-coded sizes); see :meth:`PruneGraph.validate`.
     """
     if not isinstance(model, nn.Module):

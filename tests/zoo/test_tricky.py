@@ -980,3 +980,33 @@ def test_dry_run_on_the_meta_view_leaves_the_model_untouched():
         assert now == {k: v for k, v in attrs[n].items() if not k.startswith("_")}, n
         assert set(m._parameters) == set(attrs[n]["_parameters"])
     torch.testing.assert_close(model(ids), ref, rtol=0, atol=0)
+
+
+def test_dry_run_separates_equal_size_groups_that_meet_in_a_reshape():
+    """EfficientAttention-style (timm nextvit): ``y.reshape(B, N, C)`` takes C from another tensor of equal
+    width.  With equal dry-run cuts the two widths coincide and the dry run passes although pruning either group
+    alone (or by different amounts) breaks the forward; equal-size groups must get different cuts."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 12)
+            self.m1 = nn.Linear(6, 5)  # puts b's group id 3 after a's: ids 0 and 3 got equal cuts before
+            self.b = nn.Linear(6, 12)
+            self.out_a, self.out_b, self.out_m = nn.Linear(12, 3), nn.Linear(12, 3), nn.Linear(5, 3)
+
+        def forward(self, x):
+            u = self.a(x)
+            bsz, n, c = u.shape
+            m = self.m1(x)
+            v = self.b(x).reshape(bsz, n, c)  # b's width is taken from u
+            return self.out_a(u) + self.out_b(v) + self.out_m(m)
+
+    model, x = Net().eval(), torch.randn(2, 4, 6)
+    graph = pk.analyze(model, x)
+    ga, gb = group_of(graph, "a.weight", 0), group_of(graph, "b.weight", 0)
+    assert ga is not gb and ga.size == gb.size == 12
+    assert not ga.prunable and not gb.prunable, graph.summary()
+    assert "dry-run" in ga.reason and "dry-run" in gb.reason
+    from prunekit.graph import _dry_run_plan
+    plan = _dry_run_plan([ga, gb, group_of(graph, "m1.weight", 0)])
+    assert len(plan[ga.id]) != len(plan[gb.id])
