@@ -590,3 +590,15 @@ def test_dry_run_is_skipped_not_pinning_everything_when_the_forward_needs_real_v
     ref = model(x)
     pk.prune(model, graph, {g.id: [0, 3]})
     assert model.fc1.out_features == 6 and model(x).shape == ref.shape
+
+
+def test_meta_cache_key_keeps_list_nesting():
+    """The meta fast path caches output metadata by argument signature: int lists of different lengths must not
+    collide when flattened (``max_pool2d(x, [3], [3, 1])`` vs ``max_pool2d(x, [3, 3], [1])``)."""
+    from prunekit.capture.tape import _meta_call
+    x = torch.empty(1, 2, 9, 9, device="meta")
+    f = torch.ops.aten.max_pool2d.default
+    a = _meta_call(f, (x, [3], [3, 1]), {})
+    b = _meta_call(f, (x, [3, 3], [1]), {})
+    assert tuple(a.shape) == tuple(f(x, [3], [3, 1]).shape) == (1, 2, 3, 7)
+    assert tuple(b.shape) == tuple(f(x, [3, 3], [1]).shape) == (1, 2, 7, 7)

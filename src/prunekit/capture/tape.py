@@ -108,7 +108,6 @@ _SKIP = {"sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "_local_sc
 # once per signature and replayed with empty meta tensors afterwards.
 _META_CACHE: dict = {}
 _META_CACHE_MAX = 20000
-_CACHEABLE: dict = {}
 _LEAF_OK = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
 
 
@@ -138,10 +137,6 @@ def _op_info(func) -> _OpInfo:
     if info is None:
         info = _OPINFO[func] = _OpInfo(func)
     return info
-
-
-def _is_cacheable(func) -> bool:
-    return _op_info(func).cacheable
 
 
 class _NoKey(Exception):
