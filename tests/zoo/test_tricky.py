@@ -1010,3 +1010,27 @@ def test_dry_run_separates_equal_size_groups_that_meet_in_a_reshape():
     from prunekit.graph import _dry_run_plan
     plan = _dry_run_plan([ga, gb, group_of(graph, "m1.weight", 0)])
     assert len(plan[ga.id]) != len(plan[gb.id])
+
+
+def test_weight_standardised_conv_is_prunable_and_its_inputs_are_inexact():
+    """timm ScaledStdConv2d / NF-Nets: the conv runs on ``batch_norm(weight.reshape(1, out_channels, -1))``, not
+    on the parameter.  Its size attributes must still be bound (the reshape uses ``self.out_channels``), and
+    cutting its input channels changes the per-filter statistics: prunable, verified, but not exact."""
+    class StdConv(nn.Conv2d):
+        def forward(self, x):
+            w = nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                             momentum=0.0, eps=1e-5).reshape_as(self.weight)
+            return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(StdConv(3, 8, 3, padding=1), nn.ReLU(), StdConv(8, 6, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = pk.analyze(model, x)
+    g1, g2 = group_of(graph, "0.weight", 0), group_of(graph, "2.weight", 0)
+    assert g1.prunable and g2.prunable, graph.summary()
+    assert not g1.exact and any("batch statistics" in r for r in g1.inexact_reasons)  # feeds conv 2's statistics
+    assert g2.exact  # conv 2's outputs only feed a ReLU, the pooling and the Linear
+    pk.prune(model, graph, {g1.id: [1, 4], g2.id: [0]})
+    assert (model[0].out_channels, model[2].in_channels, model[2].out_channels) == (6, 6, 5)
+    assert model(x).shape == (2, 2)

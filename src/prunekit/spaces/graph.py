@@ -197,9 +197,25 @@ class Analyzer:
             return None
         if param is not None:
             fqn = self.tape.nodes[self._nid(param)].name or ""
-            if not fqn.startswith(op.module + ".") and op.module:
+            if not fqn.startswith(op.module + ".") and op.module \
+                    and not self._derived_from_own_weight(op.module, param):
                 return None
         return op.module
+
+    def _derived_from_own_weight(self, module: str, t) -> bool:
+        """Is ``t`` (an op's weight argument) a function of ``module.weight`` with the same channels, e.g.
+        the standardised weight of a weight-standardised conv (timm ``ScaledStdConv2d``, NF-Nets)?  Then the
+        module's size attributes describe ``t`` and are bound like for the parameter itself."""
+        own = self.param_nid.get(f"{module}.weight")
+        if own is None or self.shape(own) != self.shape(t):
+            return False
+        for d in range(min(2, len(self.shape(t)))):
+            la, lb = self.layouts[own], self.layouts[self._nid(t)]
+            if la is None or lb is None or la[d] is None or lb[d] is None:
+                return False
+            if [id(x) for x in C.leaves(la[d])] != [id(x) for x in C.leaves(lb[d])]:
+                return False
+        return True
 
     def bind(self, module: str, attr: str, layouts, default=None) -> None:
         if layouts is None and default is None:

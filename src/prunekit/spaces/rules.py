@@ -696,6 +696,13 @@ def _batchnorm(A, op):
         A.copy_dim(x, d, out, d)
         A.set_zero(out, d, False)
     A.set_zero(out, cd, isinstance(w, TRef))
+    # batch statistics (training=True, or no running stats) reduce over every other dim: removing channels
+    # there changes the statistics -- weight standardisation (timm ScaledStdConv2d) normalises each output
+    # channel over in_channels x kernel, so pruning the conv's inputs is valid but not exact
+    if "no_stats" in op.name or ("no_training" not in op.name and bool(arg(op, 5, "training", False))):
+        for d in range(n):
+            if d != cd:
+                C.mix(A.lay(x, d), f"{where}: batch statistics over dim {d} change when its channels are removed")
     for o in outs[1:]:
         if A.shape(o) == (C_,):
             A.set(o, 0, lx)
