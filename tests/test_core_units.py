@@ -602,3 +602,18 @@ def test_meta_cache_key_keeps_list_nesting():
     b = _meta_call(f, (x, [3, 3], [1]), {})
     assert tuple(a.shape) == tuple(f(x, [3], [3, 1]).shape) == (1, 2, 3, 7)
     assert tuple(b.shape) == tuple(f(x, [3, 3], [1]).shape) == (1, 2, 7, 7)
+
+
+def test_meta_cache_replays_in_place_ops_only_for_signatures_that_passed():
+    """In-place ops on meta (relu_, hardswish_, add_) are replayed from the cache (they cost ~1-2 ms each as
+    Python decompositions) -- but a new signature still runs the kernel, so a broken broadcast still raises."""
+    from prunekit.capture.tape import _meta_call
+    f = torch.ops.aten.add_.Tensor
+    x = torch.empty(2, 8, device="meta")
+    assert _meta_call(f, (x, torch.empty(8, device="meta")), {}) is x
+    assert _meta_call(f, (x, torch.empty(8, device="meta")), {}) is x  # replayed
+    with pytest.raises(RuntimeError):
+        _meta_call(f, (x, torch.empty(7, device="meta")), {})
+    h = torch.ops.aten.hardswish_.default
+    y = torch.empty(3, 5, device="meta")
+    assert _meta_call(h, (y,), {}) is y and _meta_call(h, (y,), {}) is y

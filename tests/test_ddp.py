@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -96,7 +97,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_ddp_two_ranks_identical_masks_and_shapes(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    try:
+        mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as e:
+        # rank 0 writes result.json only after every collective has completed; a worker killed by a signal
+        # after that (seen rarely on a loaded 2-core machine, inside gloo's teardown) is not a pruning failure
+        if not (tmp_path / "result.json").exists() or e.exit_code is None or e.exit_code >= 0:
+            raise
+        warnings.warn(f"a DDP worker died in teardown after finishing: {e}")
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["local_scores_differ"], res  # the test is meaningful: ranks see different statistics
     assert res["n_masked"] > 0 and res["pruned"] and res["shrunk"], res

@@ -114,7 +114,7 @@ _LEAF_OK = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.
 class _OpInfo:
     """Per-ATen-overload facts computed once: names, skip flag, mutated first argument, cacheability."""
 
-    __slots__ = ("name", "packet", "skip", "inplace0", "cacheable")
+    __slots__ = ("name", "packet", "skip", "inplace0", "cacheable", "returns_self")
 
     def __init__(self, func):
         sch = func._schema
@@ -123,6 +123,14 @@ class _OpInfo:
         self.skip = self.packet in _SKIP
         mutated = [i for i, a in enumerate(sch.arguments) if a.alias_info is not None and a.alias_info.is_write]
         self.inplace0 = bool(mutated) and mutated[0] == 0
+        # an in-place op that returns its mutated first argument (relu_, hardswish_, add_, mul_): on meta its
+        # only effect is the shape check, so a signature that passed once passes again
+        rets = sch.returns
+        self.returns_self = (self.inplace0 and len(rets) == 1 and rets[0].alias_info is not None
+                             and rets[0].alias_info.is_write and not sch.arguments[0].kwarg_only
+                             and str(sch.arguments[0].type) == "Tensor"
+                             and rets[0].alias_info.before_set == sch.arguments[0].alias_info.before_set
+                             and sum(a.alias_info is not None and a.alias_info.is_write for a in sch.arguments) == 1)
         self.cacheable = (not any(a.alias_info is not None for a in sch.arguments)
                           and all(r.alias_info is None and str(r.type) == "Tensor" for r in sch.returns)
                           and len(sch.returns) > 0 and not sch.is_mutable
@@ -161,7 +169,7 @@ def _meta_call(func, args, kwargs, info: _OpInfo | None = None):
     """``func(*args, **kwargs)``, replaying cached output metadata when every tensor input is on meta."""
     if info is None:
         info = _op_info(func)
-    if not info.cacheable:
+    if not (info.cacheable or info.returns_self):
         return func(*args, **kwargs)
     n_tensors = [0]
     try:
@@ -170,6 +178,13 @@ def _meta_call(func, args, kwargs, info: _OpInfo | None = None):
         return func(*args, **kwargs)
     if n_tensors[0] == 0:  # a factory op (arange, zeros, ...): its device is not implied by any input
         return func(*args, **kwargs)
+    if info.returns_self:
+        if key in _META_CACHE:
+            return args[0]
+        out = func(*args, **kwargs)
+        if out is args[0] and len(_META_CACHE) < _META_CACHE_MAX:
+            _META_CACHE[key] = True
+        return out
     hit = _META_CACHE.get(key)
     if hit is not None:
         metas, is_tuple = hit
