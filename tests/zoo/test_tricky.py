@@ -1034,3 +1034,29 @@ def test_weight_standardised_conv_is_prunable_and_its_inputs_are_inexact():
     pk.prune(model, graph, {g1.id: [1, 4], g2.id: [0]})
     assert (model[0].out_channels, model[2].in_channels, model[2].out_channels) == (6, 6, 5)
     assert model(x).shape == (2, 2)
+
+
+def test_lstm_input_channels_are_prunable_and_input_size_follows():
+    """nn.LSTM checks ``input.size(-1) == input_size`` and runs on ``_flat_weights`` (its own list of parameter
+    references): pruning the channels that feed it must update both."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(6, 10)
+            self.rnn = nn.LSTM(10, 12, num_layers=2, batch_first=True, bidirectional=True)
+            self.out = nn.Linear(24, 3)
+
+        def forward(self, x):
+            y, _ = self.rnn(torch.relu(self.inp(x)))
+            return self.out(y)
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(2, 5, 6)
+    graph = pk.analyze(model, x)
+    g = group_of(graph, "inp.weight", 0)
+    assert g.prunable and g.exact, graph.summary()
+    pk.prune(model, graph, {g.id: [0, 3, 7]})  # verified against the masked model
+    assert model.rnn.input_size == 7 and model.rnn.weight_ih_l0.shape == (48, 7)
+    assert model.rnn.weight_ih_l0_reverse.shape == (48, 7)
+    assert model.rnn._flat_weights[0] is model.rnn.weight_ih_l0
+    assert model(torch.randn(3, 4, 6)).shape == (3, 4, 3)

@@ -294,6 +294,11 @@ class Analyzer:
                 if self.layouts[pid] is not None and len(self.layouts[pid]) == 2:
                     self.bind(name, "out_features", self.layouts[pid][0])
                     self.bind(name, "in_features", self.layouts[pid][1])
+            # RNN/LSTM/GRU: the first layer's input weight is (gates x hidden, input_size); forward checks it
+            if isinstance(m, nn.RNNBase) and f"{name}.weight_ih_l0" in self.param_nid:
+                lay = self.layouts[self.param_nid[f"{name}.weight_ih_l0"]]
+                if lay is not None and len(lay) == 2:
+                    self.bind(name, "input_size", lay[1])
         attrs_of: dict[str, list[str]] = {}
         for mod, attr in self.reshape_cands:
             attrs_of.setdefault(mod, []).append(attr)

@@ -117,6 +117,14 @@ def _run(model, graph, state=None):
     return flatten_outputs(out)[0]
 
 
+def _sync_rnn_flat_weights(mod: nn.Module, attr: str, t: torch.Tensor) -> None:
+    """nn.RNN/LSTM/GRU run on ``_flat_weights``, a list of their parameters kept by ``__setattr__``; a
+    parameter replaced in ``_parameters`` must be replaced there too."""
+    names = getattr(mod, "_flat_weights_names", None)
+    if names and attr in names:
+        mod._flat_weights[names.index(attr)] = t
+
+
 class _Undo:
     def __init__(self):
         self.items: list[tuple] = []
@@ -126,6 +134,7 @@ class _Undo:
             old = mod._parameters[attr]
             self.items.append(("p", mod, attr, old))
             mod._parameters[attr] = new
+            _sync_rnn_flat_weights(mod, attr, new)
         else:
             old = mod._buffers[attr]
             self.items.append(("b", mod, attr, old))
@@ -139,6 +148,7 @@ class _Undo:
         for kind, mod, attr, old in reversed(self.items):
             if kind == "p":
                 mod._parameters[attr] = old
+                _sync_rnn_flat_weights(mod, attr, old)
             elif kind == "b":
                 mod._buffers[attr] = old
             else:
