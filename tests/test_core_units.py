@@ -617,3 +617,34 @@ def test_meta_cache_replays_in_place_ops_only_for_signatures_that_passed():
     h = torch.ops.aten.hardswish_.default
     y = torch.empty(3, 5, device="meta")
     assert _meta_call(h, (y,), {}) is y and _meta_call(h, (y,), {}) is y
+
+
+def test_analyses_in_parallel_threads_match_sequential_ones():
+    """Capture state (dispatch mode, module stack hooks, interleaved-factor collection, space ids) is per
+    analysis: different models analysed at the same time in several threads give the same groups as one after
+    another.  (One model object analysed by two threads at once is not supported: the dry run swaps its tensors.)"""
+    import threading
+
+    def conv_net():
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2),
+                             nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+
+    def mlp():
+        return nn.Sequential(nn.Linear(5, 12), nn.GELU(), nn.LayerNorm(12), nn.Linear(12, 6), nn.ReLU(),
+                             nn.Linear(6, 2)).eval()
+
+    torch.manual_seed(0)
+    cases = [(conv_net(), torch.randn(2, 3, 9, 9)) if i % 2 == 0 else (mlp(), torch.randn(3, 5)) for i in range(6)]
+    want = [pk.analyze(m, x).summary() for m, x in cases]
+    got: list = [None] * len(cases)
+    start = threading.Barrier(len(cases))
+
+    def run(i):
+        start.wait()
+        got[i] = pk.analyze(*cases[i]).summary()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == want

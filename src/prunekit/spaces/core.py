@@ -12,6 +12,7 @@ leaf is ``u``.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Iterable, Sequence
 
@@ -19,13 +20,14 @@ Term = tuple  # tuple[Space, ...]
 Layout = tuple  # tuple[Term, ...]
 
 
+_IDS = itertools.count(1)  # next() on it is atomic: analyses in several threads never share an id
+
+
 class Space:
     __slots__ = ("id", "size", "parent", "decomp", "pins", "mix", "tags")
-    _counter = 0
 
     def __init__(self, size: int, pin: str | None = None):
-        Space._counter += 1
-        self.id = Space._counter
+        self.id = next(_IDS)
         self.size = int(size)
         self.parent: Space | None = None
         self.decomp: tuple[str, list[Space]] | None = None
