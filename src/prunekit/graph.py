@@ -256,7 +256,7 @@ class PruneGraph:
             try:
                 remove(model, self, plan, undo)  # on the meta view: only shapes and attributes change
                 ops, out_shapes = trace_shapes(model, inputs, self.forward_fn)
-                msg, at = self._compare_trace(ops, out_shapes, plan)
+                msg, at = self._compare_trace(ops, out_shapes, plan, aten_ops)
                 return msg, self._groups_at(at)
             except Exception as e:  # noqa: BLE001 - any failure means this plan breaks the forward
                 k = getattr(e, "prunekit_ops_recorded", None)  # the k-th ATen op of the tape failed
@@ -329,8 +329,9 @@ class PruneGraph:
             log.info("dry run pinned %d group(s): %s", len(errors), sorted(errors))
         return sorted(errors)
 
-    def _compare_trace(self, ops: list, out_shapes: list, plan) -> tuple[str | None, int | None]:
-        """Compare a dry run's (op name, output shapes) trace with the shapes the analysis predicts.
+    def _compare_trace(self, ops: list, out_shapes: list, plan, aten_ops: list) -> tuple[str | None, int | None]:
+        """Compare a dry run's (op name, output shapes) trace with the shapes the analysis predicts
+        (``aten_ops``: the tape's ops without the ``prunekit.*`` markers, which the trace does not record).
 
         Returns (mismatch message or None, tape index of the first mismatching op when known)."""
         drops = self.drops_by_leaf({k: v.tolist() for k, v in plan.items()})
@@ -338,12 +339,12 @@ class PruneGraph:
 
         def expected(nid):
             return tuple(self.dim_size(nid, d, drops) for d in range(len(nodes[nid].shape)))
-        aten_ops = [op for op in self.tape.ops if not op.name.startswith("prunekit.")]
         if len(ops) != len(aten_ops) or any(a.name != name for a, (name, _) in zip(aten_ops, ops)):
             # the op sequence changed (e.g. a dim became 1): compare the model outputs only
             for i, (na, got) in enumerate(zip(self.tape.outputs, out_shapes)):
-                if expected(na) != got:
-                    return f"output {i} has shape {got}, expected {expected(na)}", None
+                exp = expected(na)
+                if exp != got:
+                    return f"output {i} has shape {got}, expected {exp}", None
             return None, None
         for a, (_, shapes) in zip(aten_ops, ops):
             for ra, got in zip(a.outs(), shapes):
@@ -425,16 +426,6 @@ def _dry_run_plan(groups: list[Group]) -> dict[int, torch.Tensor]:
         span = max(1, min(g.size - 2, max(3, g.size // 2)))
         plan[g.id] = torch.arange(1 + k % span)
     return plan
-
-
-def _meta_copy(model: nn.Module) -> nn.Module:
-    """A structural copy of ``model`` whose parameters and buffers live on the meta device."""
-    import copy
-    memo = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        mt = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(mt, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else mt
-    return copy.deepcopy(model, memo)
 
 
 def analyze(model: nn.Module, example_inputs: Any = None, forward_fn: Callable | None = None, *,

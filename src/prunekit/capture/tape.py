@@ -226,8 +226,7 @@ class _Recorder(TorchDispatchMode):
             ins.append(r)
             return r
         if isinstance(x, (list, tuple)):
-            return type(x)([self._ref(y, ins) for y in x]) if type(x) in (list, tuple) else \
-                tuple(self._ref(y, ins) for y in x)
+            return (list if isinstance(x, list) else tuple)(self._ref(y, ins) for y in x)
         return x
 
     def _out(self, o: Any, outs: list) -> Any:
@@ -407,11 +406,7 @@ def _capture_once(model: nn.Module, example_inputs: Any, forward_fn: Callable | 
     for (kind, name), t in state.items():
         rec._new(t, kind, name)
 
-    def conv_in(x):
-        if isinstance(x, torch.Tensor):
-            return torch.empty_like(x, device="meta") if mode == "meta" else x
-        return x
-    inputs = tree_map(conv_in, example_inputs) if not isinstance(example_inputs, torch.Tensor) else conv_in(example_inputs)
+    inputs = _meta_inputs(example_inputs) if mode == "meta" else example_inputs
     in_flat, _ = tree_flatten(inputs)
     for i, t in enumerate(x for x in in_flat if isinstance(x, torch.Tensor)):
         tape.inputs.append(rec._new(t, "input", f"input[{i}]"))
@@ -446,6 +441,12 @@ def _capture_once(model: nn.Module, example_inputs: Any, forward_fn: Callable | 
     if not tape.outputs:
         raise CaptureError("the model returned no tensor output on the example input")
     return tape
+
+
+def _meta_inputs(example_inputs: Any) -> Any:
+    """``example_inputs`` (a tensor or any nesting of them) with every tensor replaced by an empty meta one."""
+    return tree_map(lambda t: torch.empty_like(t, device="meta") if isinstance(t, torch.Tensor) else t,
+                    example_inputs)
 
 
 def _swapped_state(model: nn.Module, make: Callable[[str, torch.Tensor], torch.Tensor],
@@ -541,8 +542,7 @@ def trace_shapes(model: nn.Module, example_inputs: Any, forward_fn: Callable | N
     the exception carries ``prunekit_ops_recorded`` = the number of ops traced before the failing one.
     """
     tr = _ShapeTrace()
-    inputs = tree_map(lambda t: torch.empty_like(t, device="meta") if isinstance(t, torch.Tensor) else t,
-                      example_inputs)
+    inputs = _meta_inputs(example_inputs)
     with eval_mode(model), torch.no_grad(), _no_mha_fastpath(), tr:
         try:
             out = call_model(model, inputs, forward_fn)

@@ -368,9 +368,18 @@ def check_state(source: str, expected: Mapping[str, torch.Size], state: Mapping[
     return missing, unexpected
 
 
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers live on the meta device."""
+    import copy
+    memo = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        mt = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(mt, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else mt
+    return copy.deepcopy(model, memo)
+
+
 def _replayed_shapes(model: nn.Module, record: list[dict], source: str) -> dict[str, torch.Size]:
     """State-dict shapes ``model`` will have after replaying ``record``, computed on a meta copy."""
-    from ..graph import _meta_copy
     meta = _meta_copy(model)
     try:
         replay_record(meta, record)

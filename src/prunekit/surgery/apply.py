@@ -425,9 +425,9 @@ def replay_record(model: nn.Module, record: list[Mapping]) -> nn.Module:
                                        f"expects {tuple(want)}; the record was made for a different model or config")
                 _replace_sliced(mod, attr, old, dims, replaced, undo)
             for key, val in step.get("attrs", {}).items():
-                mod_name, _, attr = key.rpartition(".")
+                mod_name = key.rpartition(".")[0]
                 try:
-                    mod = model.get_submodule(mod_name) if mod_name else model
+                    mod, attr = module_attr(model, key)
                 except AttributeError:
                     raise PruningError(f"pruning record step {k}: the model has no module {mod_name!r}; "
                                        "the record was made for a different model") from None
