@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .capture.tape import Tape, capture, meta_view, trace_shapes
+from .capture.tape import Tape, capture, meta_view, tensor_view, trace_shapes
 from .metrics.flops import op_macs
 from .spaces import core as C
 from .spaces.graph import Analyzer, Binding, Group, Member
@@ -48,6 +48,7 @@ class PruneGraph:
         self.model_ref = model
         self.stale = False
         self.validation_skipped: str | None = None  # why the dry run could not run, if it could not
+        self.validation_backend: str | None = None  # "meta" or "real": where the dry run ran
         self.groups: list[Group] = []
         self.bindings: list[Binding] = list(an.bindings.values())
         self.unsupported_ops = {k: sorted(v) for k, v in an.unsupported.items()}
@@ -239,6 +240,9 @@ class PruneGraph:
         hard-codes a size (a reshape with a constant, a check against an attribute prunekit does not
         know) fails here, and the offending groups are found by bisection and pinned with the reason.
         Every change is rolled back after each check and the original tensors are restored on exit.
+        When the forward cannot run on meta at all (it reads values: ``.item()``, data-dependent shapes),
+        the same checks run on real tensors (private copies of the parameters and buffers swapped in),
+        comparing only the dims the plan resizes (``validation_backend`` says which ran).
         Returns the ids of newly pinned groups.
         """
         from .surgery.apply import _Undo, remove
@@ -254,9 +258,9 @@ class PruneGraph:
             plan = {i: plan_all[i] for i in gids}
             undo = _Undo()
             try:
-                remove(model, self, plan, undo)  # on the meta view: only shapes and attributes change
-                ops, out_shapes = trace_shapes(model, inputs, self.forward_fn)
-                msg, at = self._compare_trace(ops, out_shapes, plan, aten_ops)
+                remove(model, self, plan, undo)  # on the view: the swapped-in tensors and attributes change
+                ops, out_shapes = trace_shapes(model, inputs, self.forward_fn, meta=backend == "meta")
+                msg, at = self._compare_trace(ops, out_shapes, plan, aten_ops, changed_only=backend == "real")
                 return msg, self._groups_at(at)
             except Exception as e:  # noqa: BLE001 - any failure means this plan breaks the forward
                 k = getattr(e, "prunekit_ops_recorded", None)  # the k-th ATen op of the tape failed
@@ -307,17 +311,20 @@ class PruneGraph:
 
         inputs = self.example_inputs
         aten_ops = [op for op in self.tape.ops if not op.name.startswith("prunekit.")]
-        with meta_view(model):  # the user's tensors are swapped out; every change is rolled back per check
-            if self.tape.device != "meta":
-                # the capture needed real values (.item(), data-dependent shapes): if the unpruned forward
-                # cannot run on meta either, a failing dry run would say nothing about pruning
+        backend = "meta"
+        if self.tape.device != "meta":
+            # the capture needed real values (.item(), data-dependent shapes): if the unpruned forward cannot
+            # run on meta either, the dry run runs on real tensors (private copies swapped in, the same checks)
+            with meta_view(model):
                 try:
                     trace_shapes(model, inputs, self.forward_fn)
                 except Exception as e:  # noqa: BLE001
-                    self.validation_skipped = (f"the forward needs real values ({type(e).__name__}: "
-                                               f"{str(e).splitlines()[0][:120]}); pk.prune still verifies")
-                    log.info("dry run skipped: %s", self.validation_skipped)
-                    return []
+                    backend = "real"
+                    log.info("dry run on real tensors: the forward needs real values (%s: %s)",
+                             type(e).__name__, str(e).splitlines()[0][:120])
+        self.validation_backend = backend
+        # the user's tensors are swapped out; every change is rolled back per check
+        with tensor_view(model, backend), torch.no_grad():
             msg, near = check([g.id for g in cands])
             if msg:
                 bisect([g.id for g in cands], msg, near)
@@ -329,27 +336,40 @@ class PruneGraph:
             log.info("dry run pinned %d group(s): %s", len(errors), sorted(errors))
         return sorted(errors)
 
-    def _compare_trace(self, ops: list, out_shapes: list, plan, aten_ops: list) -> tuple[str | None, int | None]:
+    def _compare_trace(self, ops: list, out_shapes: list, plan, aten_ops: list,
+                       changed_only: bool = False) -> tuple[str | None, int | None]:
         """Compare a dry run's (op name, output shapes) trace with the shapes the analysis predicts
         (``aten_ops``: the tape's ops without the ``prunekit.*`` markers, which the trace does not record).
 
+        ``changed_only``: compare only the dims the plan resizes (a dry run on real tensors, whose other
+        dims may depend on values -- e.g. the number of detections -- and differ after any change).
         Returns (mismatch message or None, tape index of the first mismatching op when known)."""
         drops = self.drops_by_leaf({k: v.tolist() for k, v in plan.items()})
         nodes = self.tape.nodes
 
-        def expected(nid):
-            return tuple(self.dim_size(nid, d, drops) for d in range(len(nodes[nid].shape)))
+        def mismatch(nid, got) -> tuple | None:
+            shape = nodes[nid].shape
+            if len(got) != len(shape):
+                return tuple(self.dim_size(nid, d, drops) for d in range(len(shape)))
+            exp = tuple(self.dim_size(nid, d, drops) for d in range(len(shape)))
+            if changed_only:
+                bad = any(e != g for e, g, s in zip(exp, got, shape) if e != s)
+            else:
+                bad = exp != tuple(got)
+            return exp if bad else None
         if len(ops) != len(aten_ops) or any(a.name != name for a, (name, _) in zip(aten_ops, ops)):
             # the op sequence changed (e.g. a dim became 1): compare the model outputs only
+            if len(out_shapes) != len(self.tape.outputs):
+                return f"the model returns {len(out_shapes)} tensors instead of {len(self.tape.outputs)}", None
             for i, (na, got) in enumerate(zip(self.tape.outputs, out_shapes)):
-                exp = expected(na)
-                if exp != got:
+                exp = mismatch(na, got)
+                if exp is not None:
                     return f"output {i} has shape {got}, expected {exp}", None
             return None, None
         for a, (_, shapes) in zip(aten_ops, ops):
             for ra, got in zip(a.outs(), shapes):
-                exp = expected(ra.id)
-                if exp != got:
+                exp = mismatch(ra.id, got)
+                if exp is not None:
                     return (f"{a.name} in {a.module or '<root>'} produces shape {got}, expected {exp} "
                             "(the forward hard-codes a size)"), a.index
         return None, None
