@@ -250,7 +250,8 @@ class PruneGraph:
         cands = [g for g in self.prunable_groups]
         if not cands:
             return []
-        plan_all = _dry_run_plan(cands)
+        plans = [_dry_run_plan(cands), _dry_run_plan(cands, second=True)]
+        plan_all = plans[0]
         errors: dict[int, str] = {}
 
         def check(gids: list[int]) -> tuple[str | None, set[int]]:
@@ -325,9 +326,16 @@ class PruneGraph:
         self.validation_backend = backend
         # the user's tensors are swapped out; every change is rolled back per check
         with tensor_view(model, backend), torch.no_grad():
-            msg, near = check([g.id for g in cands])
-            if msg:
-                bisect([g.id for g in cands], msg, near)
+            # two plans with different counts: one plan can pass by luck (a count that keeps a hard-coded
+            # divisibility, ``n // kv`` that rounds to the old value); the second runs on the groups the first kept
+            for plan_all in plans:
+                gids = [g.id for g in cands if g.id not in errors]
+                if plan_all is not plans[0] and all(torch.equal(plan_all[i], plans[0][i]) for i in gids):
+                    break  # the same counts as the first plan: nothing new to learn
+                if gids:
+                    msg, near = check(gids)
+                    if msg:
+                        bisect(gids, msg, near)
         for gid, m in errors.items():
             g = self.groups[gid]
             g.prunable = False
@@ -357,8 +365,17 @@ class PruneGraph:
             else:
                 bad = exp != tuple(got)
             return exp if bad else None
-        if len(ops) != len(aten_ops) or any(a.name != name for a, (name, _) in zip(aten_ops, ops)):
-            # the op sequence changed (e.g. a dim became 1): compare the model outputs only
+        n_same = next((i for i, (a, (name, _)) in enumerate(zip(aten_ops, ops)) if a.name != name),
+                      min(len(ops), len(aten_ops)))
+        if n_same < len(aten_ops) or len(ops) != len(aten_ops):
+            # the op sequence changed (e.g. a dim became 1, so a copy is skipped): the ops before the change
+            # still correspond one to one (a reshape by a hard-coded size usually comes first), then the outputs
+            for a, (_, shapes) in zip(aten_ops[:n_same], ops[:n_same]):
+                for ra, got in zip(a.outs(), shapes):
+                    exp = mismatch(ra.id, got)
+                    if exp is not None:
+                        return (f"{a.name} in {a.module or '<root>'} produces shape {got}, expected {exp} "
+                                "(the forward hard-codes a size)"), a.index
             if len(out_shapes) != len(self.tape.outputs):
                 return f"the model returns {len(out_shapes)} tensors instead of {len(self.tape.outputs)}", None
             for i, (na, got) in enumerate(zip(self.tape.outputs, out_shapes)):
@@ -430,21 +447,30 @@ class PruneGraph:
                f"{len(self.tape.ops)} ops)"
 
 
-def _dry_run_plan(groups: list[Group]) -> dict[int, torch.Tensor]:
+def _dry_run_plan(groups: list[Group], second: bool = False) -> dict[int, torch.Tensor]:
     """Units each group loses in the dry run: different counts for groups of equal size.
 
     Two groups whose sizes meet in one op (a reshape that takes its target width from another tensor,
     e.g. ``x.reshape(B, N, C)`` of an attention output sized by the block input) can only fail the
     dry run if they shrink differently: with equal counts the shapes coincide and a model that breaks
     for any other plan would pass.  So groups of the same size get distinct counts (1, 2, 3, ... by
-    id, wrapping at about half the size); at least 2 units are kept where possible."""
+    id, wrapping at about half the size); at least 2 units are kept where possible.
+
+    ``second=True``: the counts of the dry run's second plan, about half of each group (again distinct for
+    groups of equal size: half, half+1, half-1, ...), so sizes derived by integer arithmetic from a bound
+    attribute (``self.n // self.kv``) or a divisibility the first counts kept by chance are exercised."""
     rank: dict[int, int] = defaultdict(int)
     plan = {}
     for g in sorted(groups, key=lambda g: g.id):
         k = rank[g.size]
         rank[g.size] += 1
-        span = max(1, min(g.size - 2, max(3, g.size // 2)))
-        plan[g.id] = torch.arange(1 + k % span)
+        if second:
+            off = (k + 1) // 2 * (1 if k % 2 else -1)
+            n = min(g.size - 1, max(1, g.size // 2 + off))
+        else:
+            span = max(1, min(g.size - 2, max(3, g.size // 2)))
+            n = 1 + k % span
+        plan[g.id] = torch.arange(n)
     return plan
 
 

@@ -313,14 +313,17 @@ class Analyzer:
             # another size attribute with the same value (e.g. num_heads == head_dim) makes the match ambiguous
             m = self.modules.get(mod)
             ambiguous = any(k != attr and getattr(m, k, None) == getattr(m, attr, None) for k in attrs_of[mod])
-            if not ambiguous and len({i for i, _ in same}) > 1:
+            want = "head_dim" if _names_head_dim(attr) else "head" if "head" in attr.lower() else None
+            if ambiguous:  # equal values: only the reshapes whose spaces the name describes are tied (q/k and v
+                # head_dim sized by one ``self.head_dim``: one attribute, so one group, or a plan breaks the other)
+                same = [(i, l) for i, l in same if want and all(want in s.tags for s in C.leaves(l))]
+            if len({i for i, _ in same}) > 1:
                 for i, l in same[1:]:
                     if l is not same[0][1]:
                         C.tie(same[0][1], l, f"{mod}.{attr} sizes several reshapes")
             if (mod, attr) not in self.bindings:
                 pick = free[0][1]
                 if ambiguous:  # equal values: only a name that says heads or head_dim may choose
-                    want = "head_dim" if _names_head_dim(attr) else "head" if "head" in attr.lower() else None
                     tagged = [l for _, l, _ in free if want and all(want in s.tags for s in C.leaves(l))]
                     pick = tagged[0] if tagged else None
                 if pick is not None:

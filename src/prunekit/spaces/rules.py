@@ -865,6 +865,8 @@ def _channel_shuffle(A, op):
         mod = A.module_of(op, ("ChannelShuffle",))
         if mod is not None:
             A.bind(mod, "groups", lg)
+        else:  # F.channel_shuffle(x, g): g is a constant of the forward, so the number of groups cannot change
+            C.pin(lg, f"{where}: the number of groups is a constant argument")
     except C.TieError as e:
         A.pin_node(x, f"{where}: {e}")
 
