@@ -523,6 +523,7 @@ def tensor_view(model: nn.Module, device: str = "meta"):
 # keys every nn.Module has in its __dict__ (hooks, the parameter/buffer/module dicts, ``training``): handled apart
 _MODULE_KEYS = frozenset(vars(nn.Module()))
 _SNAP_DEPTH = 4  # how deep lists/dicts/tuples held by module attributes are followed
+_ATOMS = frozenset({int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size})  # hold no tensor
 
 
 def _meta_attr(t: torch.Tensor) -> torch.Tensor:
@@ -568,17 +569,20 @@ def preserved_modules(model: nn.Module, swap: Callable[[torch.Tensor], torch.Ten
                 return
             containers[id(v)] = (v, type(v)(v) if not isinstance(v, dict) else dict(v))
             for y in (v.values() if isinstance(v, dict) else v):
-                record(y, depth + 1)
+                if type(y) not in _ATOMS:
+                    record(y, depth + 1)
         elif isinstance(v, tuple):
             for y in v:
-                record(y, depth + 1)
+                if type(y) not in _ATOMS:
+                    record(y, depth + 1)
 
     snaps = []
     for m in mods:
         d = m.__dict__
         attrs = {k: v for k, v in d.items() if k not in _MODULE_KEYS}
         for v in attrs.values():
-            record(v, 0)
+            if type(v) not in _ATOMS:
+                record(v, 0)
         snaps.append((m, attrs, dict(m._parameters), dict(m._buffers), dict(m._modules),
                       set(m._non_persistent_buffers_set)))
     try:
@@ -588,6 +592,8 @@ def preserved_modules(model: nn.Module, swap: Callable[[torch.Tensor], torch.Ten
             seen: set[int] = set()
 
             def sub(v: Any, depth: int) -> Any:
+                if type(v) in _ATOMS:
+                    return v
                 if isinstance(v, torch.Tensor):
                     r = memo.get(id(v))
                     if r is None:

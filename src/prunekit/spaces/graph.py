@@ -94,7 +94,10 @@ class Group:
 
 
 def _units_tensor(units: Iterable[int], size: int, gid: int) -> torch.Tensor:
-    u = torch.as_tensor(sorted(set(int(x) for x in units)), dtype=torch.long)
+    if isinstance(units, torch.Tensor) and units.dtype == torch.long and units.dim() == 1:
+        u = torch.unique(units)  # sorted; a plan's units usually arrive as a tensor (no per-element Python)
+    else:
+        u = torch.as_tensor(sorted(set(int(x) for x in units)), dtype=torch.long)
     if u.numel() and (u.min() < 0 or u.max() >= size):
         raise ValueError(f"group {gid}: unit indices must be in [0, {size}), got {u.tolist()[:8]}")
     return u
