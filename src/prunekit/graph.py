@@ -60,8 +60,13 @@ class PruneGraph:
         members: dict[int, list[Member]] = defaultdict(list)
         leaf_obj: dict[int, C.Space] = {}
         order: list[int] = []
+        # a parameter or buffer that no op of the captured forward reads (transformers' ``original_inv_freq``,
+        # a cached copy kept for re-initialisation) is not part of the computation: it never forms or joins a
+        # group, so no plan slices it (that would corrupt state the model keeps for later)
+        read = {r.id for op in tape.ops for r in op.inputs()}
+        read.update(tape.outputs)
         for nd in tape.nodes:
-            if nd.kind not in ("param", "buffer") or an.layouts[nd.id] is None:
+            if nd.kind not in ("param", "buffer") or an.layouts[nd.id] is None or nd.id not in read:
                 continue
             for d, lay in enumerate(an.layouts[nd.id]):
                 if lay is None or nd.shape[d] < 2:

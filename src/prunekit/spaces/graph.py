@@ -218,8 +218,13 @@ class Analyzer:
         return True
 
     def bind(self, module: str, attr: str, layouts, default=None) -> None:
-        if layouts is None and default is None:
-            return
+        """``module.attr`` follows ``layouts`` (its kept size after a plan); with no layout it is set to
+        ``default``, which is only recorded when it is the attribute's value now (a binding without a layout
+        must never rewrite an attribute: every plan would apply it)."""
+        if layouts is None:
+            m = self.modules.get(module)
+            if default is None or m is None or getattr(m, attr, None) != default:
+                return
         self.bindings.setdefault((module, attr), Binding(module, attr, layouts, default))
 
     def bind_reshape(self, op: OpRecord, layouts: list, sizes: list[int]) -> None:

@@ -599,7 +599,8 @@ def _conv(A, op):
     if mod is not None:
         A.bind(mod, "in_channels", lx)
         A.bind(mod, "out_channels", lout)
-        A.bind(mod, "groups", lg, default=1)
+        if lg is not None:  # a grouped conv whose channels could not be aligned keeps its groups (and is pinned)
+            A.bind(mod, "groups", lg)
 
 
 @rule("addmm", "mm", "bmm", "baddbmm", "addbmm", "matmul", "_addmm_activation")
