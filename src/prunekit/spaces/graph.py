@@ -112,6 +112,8 @@ class Analyzer:
         self.bindings: dict[tuple[str, str], Binding] = {}
         self.unsupported: dict[str, set[str]] = {}
         self.reshape_cands: dict[tuple[str, str], list] = {}
+        self.scale_cands: list[tuple[OpRecord, float, Any]] = []  # (op, scalar, scaled tensor) of mul/div/SDPA
+        self.scale_suspects: list[tuple[OpRecord, float, str, Binding]] = []  # see _find_scale_suspects
         self.pderived: set[int] = {nd.id for nd in tape.nodes if nd.kind in ("param", "buffer")}
         self.param_nid: dict[str, int] = {nd.name: nd.id for nd in tape.nodes if nd.kind in ("param", "buffer")}
         self.op: OpRecord | None = None
@@ -246,10 +248,44 @@ class Analyzer:
                     if v == value:
                         self.reshape_cands.setdefault((op.module, k), []).append((op.index, l, j == 0))
 
+    def note_scale(self, op: OpRecord, value: float, tensor=None) -> None:
+        """A mul/div by a Python number (or SDPA's explicit ``scale``): it may be computed in forward from a size
+        attribute that pruning rewrites (``/ math.sqrt(self.head_dim)``), see :meth:`_find_scale_suspects`."""
+        self.scale_cands.append((op, float(value), tensor))
+
+    def _find_scale_suspects(self) -> None:
+        """Scalars that equal a bound size attribute of the executing module to the power +-1/2 or +-1, on an
+        attention tensor (a dim with heads or head_dim), and that no float attribute of the module holds
+        (``self.scale = self.head_dim ** -0.5`` set once in ``__init__`` does not change when head_dim is
+        pruned).  The tape cannot tell ``/ math.sqrt(self.head_dim)`` from the literal ``/ math.sqrt(8)``:
+        :meth:`prunekit.graph.PruneGraph` re-runs such forwards pruned and compares the scalar."""
+        for op, value, t in self.scale_cands:
+            m = self.modules.get(op.module)
+            if m is None or not value or not math.isfinite(value):
+                continue
+            if any(type(v) is float and math.isclose(v, value, rel_tol=1e-6) for v in vars(m).values()):
+                continue
+            if t is not None and not any({"head", "head_dim"} & s.tags for d in range(len(self.shape(t)))
+                                         for s in C.leaves(self.lay(t, d))):
+                continue
+            for (mod, attr), b in self.bindings.items():
+                if mod != op.module or b.layouts is None:
+                    continue
+                v = getattr(m, attr, None)
+                if type(v) is not int or v < 2:
+                    continue
+                if any(math.isclose(value, v ** e, rel_tol=1e-6) for e in (0.5, -0.5, 1.0, -1.0)):
+                    self.scale_suspects.append((op, value, attr, b))
+
     def pin_node(self, ref, reason: str) -> None:
         nid = self._nid(ref)
-        for d in range(len(self.shape(nid))):
-            C.pin(self.lay(nid, d), reason)
+        if self.layouts[nid] is None:  # pinned for ``reason`` alone (not also "produced by" the same op)
+            self._init(nid, None, False)
+        lays = self.layouts[nid]
+        for d, s in enumerate(self.shape(nid)):
+            if lays[d] is None:
+                lays[d] = C.fresh(s)
+            C.pin(lays[d], reason)
 
     def pin_op(self, op: OpRecord, reason: str) -> None:
         for r in op.inputs():
@@ -331,6 +367,7 @@ class Analyzer:
                 if pick is not None:
                     self.bind(mod, attr, pick)
         self._pin_interleaved()  # ties above may have split a factor inside a product
+        self._find_scale_suspects()
 
     def _pin_interleaved(self) -> None:
         # expanding every distinct term once finds every split factor inside a product (layouts share
@@ -352,6 +389,22 @@ class Analyzer:
 
 
 _INTERLEAVED = "channels split inside a product (e.g. rotate-half RoPE inside heads x head_dim): interleaved layout"
+
+
+def pin_reason(pins: list[str]) -> str:
+    """A group's reason from its space's pins, without repeats: "produced by OP in M" is dropped where another
+    pin already names the same op ("OP in M: ..."), and equal texts appear once."""
+    out: list[str] = []
+    for p in pins:
+        for pre in ("produced by ", "dim "):
+            if p.startswith(pre) and "produced by " in p:
+                where = p.split("produced by ", 1)[1]
+                if any(q is not p and q.startswith(where) for q in pins):
+                    break
+        else:
+            if p not in out:
+                out.append(p)
+    return "; ".join(out)
 
 
 def _names_head_dim(attr: str) -> bool:
