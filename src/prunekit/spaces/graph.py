@@ -255,15 +255,13 @@ class Analyzer:
 
     def _find_scale_suspects(self) -> None:
         """Scalars that equal a bound size attribute of the executing module to the power +-1/2 or +-1, on an
-        attention tensor (a dim with heads or head_dim), and that no float attribute of the module holds
-        (``self.scale = self.head_dim ** -0.5`` set once in ``__init__`` does not change when head_dim is
-        pruned).  The tape cannot tell ``/ math.sqrt(self.head_dim)`` from the literal ``/ math.sqrt(8)``:
-        :meth:`prunekit.graph.PruneGraph` re-runs such forwards pruned and compares the scalar."""
+        attention tensor (a dim with heads or head_dim).  The tape cannot tell ``/ math.sqrt(self.head_dim)``
+        from the literal ``/ math.sqrt(8)`` or from ``self.scale`` set once in ``__init__`` (which pruning
+        leaves alone): :meth:`prunekit.graph.PruneGraph._check_scales` re-runs such forwards pruned and
+        compares the scalar."""
         for op, value, t in self.scale_cands:
             m = self.modules.get(op.module)
             if m is None or not value or not math.isfinite(value):
-                continue
-            if any(type(v) is float and math.isclose(v, value, rel_tol=1e-6) for v in vars(m).values()):
                 continue
             if t is not None and not any({"head", "head_dim"} & s.tags for d in range(len(self.shape(t)))
                                          for s in C.leaves(self.lay(t, d))):
