@@ -572,9 +572,9 @@ def _analyze(model, example_inputs, forward_fn, device, prune_outputs, validate)
                 C.pin(an.lay(nid, d), f"model output {path} keeps its shape (pass prune_outputs=True to allow)")
     an.finish()
     graph = PruneGraph(model, tape, an, example_inputs, forward_fn, prune_outputs, time.perf_counter() - t0)
-    graph._check_scales(model)
     if validate:
         graph.validate(model)
-        graph.analysis_seconds = time.perf_counter() - t0
+    graph._check_scales(model)  # after the dry run: only groups that stayed prunable are probed
+    graph.analysis_seconds = time.perf_counter() - t0
     log.debug("analysed %s in %.3fs: %r", type(model).__name__, graph.analysis_seconds, graph)
     return graph

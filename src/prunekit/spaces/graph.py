@@ -259,16 +259,20 @@ class Analyzer:
         from the literal ``/ math.sqrt(8)`` or from ``self.scale`` set once in ``__init__`` (which pruning
         leaves alone): :meth:`prunekit.graph.PruneGraph._check_scales` re-runs such forwards pruned and
         compares the scalar."""
+        by_module: dict[str, list] = {}
+        for (mod, attr), b in self.bindings.items():
+            if b.layouts is not None:
+                by_module.setdefault(mod, []).append((attr, b))
         for op, value, t in self.scale_cands:
             m = self.modules.get(op.module)
+            if op.module not in by_module:
+                continue
             if m is None or not value or not math.isfinite(value):
                 continue
             if t is not None and not any({"head", "head_dim"} & s.tags for d in range(len(self.shape(t)))
                                          for s in C.leaves(self.lay(t, d))):
                 continue
-            for (mod, attr), b in self.bindings.items():
-                if mod != op.module or b.layouts is None:
-                    continue
+            for attr, b in by_module[op.module]:
                 v = getattr(m, attr, None)
                 if type(v) is not int or v < 2:
                     continue
