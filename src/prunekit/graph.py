@@ -14,7 +14,7 @@ from torch import nn
 from .capture.tape import Tape, capture, meta_view, tensor_view, trace_shapes
 from .metrics.flops import op_macs
 from .spaces import core as C
-from .spaces.graph import Analyzer, Binding, Group, Member
+from .spaces.graph import Analyzer, Binding, Group, Member, pin_reason
 
 log = logging.getLogger("prunekit")
 
@@ -61,8 +61,13 @@ class PruneGraph:
         members: dict[int, list[Member]] = defaultdict(list)
         leaf_obj: dict[int, C.Space] = {}
         order: list[int] = []
+        # a parameter or buffer that no op of the captured forward reads (transformers' ``original_inv_freq``,
+        # a cached copy kept for re-initialisation) is not part of the computation: it never forms or joins a
+        # group, so no plan slices it (that would corrupt state the model keeps for later)
+        read = {r.id for op in tape.ops for r in op.inputs()}
+        read.update(tape.outputs)
         for nd in tape.nodes:
-            if nd.kind not in ("param", "buffer") or an.layouts[nd.id] is None:
+            if nd.kind not in ("param", "buffer") or an.layouts[nd.id] is None or nd.id not in read:
                 continue
             for d, lay in enumerate(an.layouts[nd.id]):
                 if lay is None or nd.shape[d] < 2:
@@ -92,7 +97,7 @@ class PruneGraph:
                     mods.append(mod)
                 if attr == "weight" and source_dim(mod_objs.get(mod)) == m.dim and mod not in src:
                     src.append(mod)
-            reason = "; ".join(s.pins)
+            reason = pin_reason(s.pins)
             prunable = not s.pins
             bad = [m for m in mem if m.offset + math.prod(m.sizes) > shapes[m.fqn][m.dim]]
             if bad:  # never cut with indices the tensor does not have: pin and say so
@@ -107,6 +112,64 @@ class PruneGraph:
                       inexact_reasons=list(s.mix), modules=mods, members=mem, source=src, leaf_id=lid)
             self.groups.append(g)
             self._leaf_to_group[lid] = g
+
+    def _check_scales(self, model: nn.Module) -> list[int]:
+        """Mark groups inexact whose pruning changes a scale the forward computes from a size attribute.
+
+        ``attn / math.sqrt(self.head_dim)`` or ``q * self.head_dim ** -0.5``: surgery rewrites ``head_dim``,
+        so the pruned model scales differently from the zeroed original (SDPA's default scale, 1/sqrt of the
+        actual head_dim, is marked the same way by its rule).  The analyzer lists scalars equal to a power of
+        a bound size attribute; whether one is computed from it or is a literal is found by running the
+        forward on a meta view of ``model`` with those groups pruned by one unit and comparing the scalar.
+        A forward that cannot run that way is assumed to compute it (inexact, never wrongly exact).
+        Returns the ids of the groups marked."""
+        from .surgery.apply import _Undo, remove
+
+        suspects = []
+        for op, value, attr, b in self.analyzer.scale_suspects:
+            lays = b.layouts if isinstance(b.layouts, list) else [b.layouts]
+            gids = sorted({g.id for l in lays for s in C.leaves(l)
+                           if (g := self._leaf_to_group.get(s.id)) is not None and g.prunable and g.exact})
+            if gids:
+                suspects.append((op, value, attr, b, gids))
+        if not suspects:
+            return []
+        aten = [op for op in self.tape.ops if not op.name.startswith("prunekit.")]
+        sdpa = [op for op in self.tape.ops if op.name == "prunekit.sdpa_scale"]
+        pos = {op.index: k for k, op in enumerate(aten)}
+        pos.update({op.index: k for k, op in enumerate(sdpa)})
+        plan = {gid: torch.arange(1) for _, _, _, _, gids in suspects for gid in gids}
+        probe = None
+        undo = _Undo()
+        try:
+            with meta_view(model):
+                try:
+                    remove(model, self, plan, undo)
+                    probe = _trace_scalars(model, self.example_inputs, self.forward_fn)
+                finally:
+                    undo.rollback()
+        except Exception as e:  # noqa: BLE001 - cannot tell: assume the scale follows the attribute
+            log.debug("scale probe failed: %r", e)
+        if probe is not None and ([n for n, _ in probe[0]] != [op.name for op in aten] or len(probe[1]) != len(sdpa)):
+            probe = None
+        marked = []
+        for op, value, attr, b, gids in suspects:
+            if probe is not None:
+                got = probe[1][pos[op.index]] if op.name == "prunekit.sdpa_scale" else probe[0][pos[op.index]][1]
+                if any(v is not None and math.isclose(v, value, rel_tol=1e-9) for v in got):
+                    continue  # the same scalar after pruning: a literal or a constant, not computed from attr
+                why = (f"{op.packet} in {op.module or '<root>'}: the scale {value:.4g} is computed from "
+                       f"{b.module or '<root>'}.{attr} in forward and changes when it is pruned")
+            else:
+                why = (f"{op.packet} in {op.module or '<root>'}: the scale {value:.4g} may be computed from "
+                       f"{b.module or '<root>'}.{attr} in forward (it would change when that is pruned)")
+            for gid in gids:
+                g = self.groups[gid]
+                g.exact = False
+                if why not in g.inexact_reasons:
+                    g.inexact_reasons.append(why)
+                marked.append(gid)
+        return sorted(set(marked))
 
     def group(self, gid: int) -> Group:
         if not isinstance(gid, int) or gid < 0 or gid >= len(self.groups):
@@ -447,6 +510,46 @@ class PruneGraph:
                f"{len(self.tape.ops)} ops)"
 
 
+def _trace_scalars(model: nn.Module, example_inputs: Any, forward_fn: Callable | None):
+    """One forward's (ATen op name, Python numbers among its arguments) per op, and the ``scale`` argument of
+    each ``F.scaled_dot_product_attention`` call (as a one-element list; the scale probe)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from .capture.tape import _SKIP, _meta_inputs, _no_mha_fastpath, call_model, eval_mode
+
+    class _Trace(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list[tuple[str, list]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.overloadpacket.__name__ not in _SKIP:
+                flat, _ = tree_flatten((args, kwargs))
+                self.ops.append((str(func), [float(a) for a in flat
+                                             if isinstance(a, (int, float)) and not isinstance(a, bool)]))
+            return func(*args, **kwargs)
+
+    class _SDPA(torch.overrides.TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.scales: list[list] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                sc = kwargs.get("scale", args[6] if len(args) > 6 else None)
+                self.scales.append([float(sc) if isinstance(sc, (int, float)) else None])
+            return func(*args, **kwargs)
+
+    tr, fm = _Trace(), _SDPA()
+    inputs = _meta_inputs(example_inputs)
+    with eval_mode(model), torch.no_grad(), _no_mha_fastpath(), fm, tr:
+        call_model(model, inputs, forward_fn)
+    return tr.ops, fm.scales
+
+
 def _dry_run_plan(groups: list[Group], second: bool = False) -> dict[int, torch.Tensor]:
     """Units each group loses in the dry run: different counts for groups of equal size.
 
@@ -517,6 +620,7 @@ def _analyze(model, example_inputs, forward_fn, device, prune_outputs, validate)
     graph = PruneGraph(model, tape, an, example_inputs, forward_fn, prune_outputs, time.perf_counter() - t0)
     if validate:
         graph.validate(model)
-        graph.analysis_seconds = time.perf_counter() - t0
+    graph._check_scales(model)  # after the dry run: only groups that stayed prunable are probed
+    graph.analysis_seconds = time.perf_counter() - t0
     log.debug("analysed %s in %.3fs: %r", type(model).__name__, graph.analysis_seconds, graph)
     return graph

@@ -38,7 +38,7 @@ class _Slot:
     group: Group
     orig: int  # size in the model the pruner started from
     min_keep: int
-    step: int  # kept units are a multiple of this (round_to for channel groups)
+    step: int  # kept units are a multiple of this (see unit_step: kept widths are multiples of round_to)
     ratio: float | None  # per-module ratio override (final channel ratio)
 
     @property
@@ -50,6 +50,22 @@ class _Slot:
         if self.step > 1:
             k = int(math.ceil(k / self.step) * self.step)
         return min(self.cur, k)
+
+
+def unit_step(g: Group, round_to: int) -> int:
+    """Kept units of ``g`` are a multiple of this so that every width it changes is a multiple of ``round_to``.
+
+    A unit of a member dim spans ``prod(sizes) / sizes[pos]`` indices (1 for a channel or a depthwise
+    conv's group, the channels per group of a grouped conv, the number of heads for a head_dim unit): the
+    kept count must make ``kept x span`` a multiple of ``round_to`` in every member, i.e. a multiple of
+    ``round_to / gcd(round_to, span)`` for each of them (their lcm).  Head units are not rounded (1)."""
+    if round_to <= 1 or g.unit == "head":
+        return 1
+    step = 1
+    for m in g.members:
+        span = math.prod(m.sizes) // m.sizes[m.pos]
+        step = math.lcm(step, round_to // math.gcd(round_to, span))
+    return step
 
 
 class Pruner:
@@ -64,7 +80,12 @@ class Pruner:
             ``LatencyTarget`` (the latter three give the fraction KEPT).
         global_pruning: rank units across all groups (scores normalised per group) instead of the same
             ratio per group.
-        round_to: kept channels are a multiple of this (heads and other units are not rounded).
+        round_to: the kept width of every pruned layer is a multiple of this: channel units, "group" units
+            (channels tied to a depthwise conv; a unit of a grouped conv spans several channels, and the
+            channel count it gives is rounded) and head_dim units (the width is heads x head_dim) are kept
+            in steps that make every tensor dim the group cuts a multiple of ``round_to`` (see
+            :func:`unit_step`).  Whole heads are not rounded (a head is usually head_dim wide, already a
+            multiple).  A group smaller than one step is not pruned.
         max_ratio: at most this fraction of a group's (original) units is removed; one unit always stays.
         ratios: per-module channel-ratio overrides ``{module or name pattern: ratio}`` (local pruning).
         ignore: modules (objects or fnmatch name patterns) whose output channels are never pruned.  The
@@ -144,7 +165,7 @@ class Pruner:
             orig = self._orig.get(group_key(g), g.size)
             ratio = next((r for p, r in self.ratios.items() if any(fnmatch.fnmatchcase(m, p) for m in mods)), None)
             min_keep = max(1, int(math.ceil(orig * (1.0 - self.max_ratio) - 1e-9)))
-            step = self.round_to if g.unit == "channel" else 1
+            step = unit_step(g, self.round_to)
             s = _Slot(g, orig, min_keep, step, ratio)
             s.min_keep = min(s.round_keep(min_keep), g.size)
             out.append(s)

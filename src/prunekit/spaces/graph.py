@@ -115,6 +115,8 @@ class Analyzer:
         self.bindings: dict[tuple[str, str], Binding] = {}
         self.unsupported: dict[str, set[str]] = {}
         self.reshape_cands: dict[tuple[str, str], list] = {}
+        self.scale_cands: list[tuple[OpRecord, float, Any]] = []  # (op, scalar, scaled tensor) of mul/div/SDPA
+        self.scale_suspects: list[tuple[OpRecord, float, str, Binding]] = []  # see _find_scale_suspects
         self.pderived: set[int] = {nd.id for nd in tape.nodes if nd.kind in ("param", "buffer")}
         self.param_nid: dict[str, int] = {nd.name: nd.id for nd in tape.nodes if nd.kind in ("param", "buffer")}
         self.op: OpRecord | None = None
@@ -221,8 +223,13 @@ class Analyzer:
         return True
 
     def bind(self, module: str, attr: str, layouts, default=None) -> None:
-        if layouts is None and default is None:
-            return
+        """``module.attr`` follows ``layouts`` (its kept size after a plan); with no layout it is set to
+        ``default``, which is only recorded when it is the attribute's value now (a binding without a layout
+        must never rewrite an attribute: every plan would apply it)."""
+        if layouts is None:
+            m = self.modules.get(module)
+            if default is None or m is None or getattr(m, attr, None) != default:
+                return
         self.bindings.setdefault((module, attr), Binding(module, attr, layouts, default))
 
     def bind_reshape(self, op: OpRecord, layouts: list, sizes: list[int]) -> None:
@@ -244,10 +251,46 @@ class Analyzer:
                     if v == value:
                         self.reshape_cands.setdefault((op.module, k), []).append((op.index, l, j == 0))
 
+    def note_scale(self, op: OpRecord, value: float, tensor=None) -> None:
+        """A mul/div by a Python number (or SDPA's explicit ``scale``): it may be computed in forward from a size
+        attribute that pruning rewrites (``/ math.sqrt(self.head_dim)``), see :meth:`_find_scale_suspects`."""
+        self.scale_cands.append((op, float(value), tensor))
+
+    def _find_scale_suspects(self) -> None:
+        """Scalars that equal a bound size attribute of the executing module to the power +-1/2 or +-1, on an
+        attention tensor (a dim with heads or head_dim).  The tape cannot tell ``/ math.sqrt(self.head_dim)``
+        from the literal ``/ math.sqrt(8)`` or from ``self.scale`` set once in ``__init__`` (which pruning
+        leaves alone): :meth:`prunekit.graph.PruneGraph._check_scales` re-runs such forwards pruned and
+        compares the scalar."""
+        by_module: dict[str, list] = {}
+        for (mod, attr), b in self.bindings.items():
+            if b.layouts is not None:
+                by_module.setdefault(mod, []).append((attr, b))
+        for op, value, t in self.scale_cands:
+            m = self.modules.get(op.module)
+            if op.module not in by_module:
+                continue
+            if m is None or not value or not math.isfinite(value):
+                continue
+            if t is not None and not any({"head", "head_dim"} & s.tags for d in range(len(self.shape(t)))
+                                         for s in C.leaves(self.lay(t, d))):
+                continue
+            for attr, b in by_module[op.module]:
+                v = getattr(m, attr, None)
+                if type(v) is not int or v < 2:
+                    continue
+                if any(math.isclose(value, v ** e, rel_tol=1e-6) for e in (0.5, -0.5, 1.0, -1.0)):
+                    self.scale_suspects.append((op, value, attr, b))
+
     def pin_node(self, ref, reason: str) -> None:
         nid = self._nid(ref)
-        for d in range(len(self.shape(nid))):
-            C.pin(self.lay(nid, d), reason)
+        if self.layouts[nid] is None:  # pinned for ``reason`` alone (not also "produced by" the same op)
+            self._init(nid, None, False)
+        lays = self.layouts[nid]
+        for d, s in enumerate(self.shape(nid)):
+            if lays[d] is None:
+                lays[d] = C.fresh(s)
+            C.pin(lays[d], reason)
 
     def pin_op(self, op: OpRecord, reason: str) -> None:
         for r in op.inputs():
@@ -332,6 +375,7 @@ class Analyzer:
                 if pick is not None:
                     self.bind(mod, attr, pick)
         self._pin_interleaved()  # ties above may have split a factor inside a product
+        self._find_scale_suspects()
 
     def _pin_interleaved(self) -> None:
         # expanding every distinct term once finds every split factor inside a product (layouts share
@@ -353,6 +397,22 @@ class Analyzer:
 
 
 _INTERLEAVED = "channels split inside a product (e.g. rotate-half RoPE inside heads x head_dim): interleaved layout"
+
+
+def pin_reason(pins: list[str]) -> str:
+    """A group's reason from its space's pins, without repeats: "produced by OP in M" is dropped where another
+    pin already names the same op ("OP in M: ..."), and equal texts appear once."""
+    out: list[str] = []
+    for p in pins:
+        for pre in ("produced by ", "dim "):
+            if p.startswith(pre) and "produced by " in p:
+                where = p.split("produced by ", 1)[1]
+                if any(q is not p and q.startswith(where) for q in pins):
+                    break
+        else:
+            if p not in out:
+                out.append(p)
+    return "; ".join(out)
 
 
 def _names_head_dim(attr: str) -> bool:

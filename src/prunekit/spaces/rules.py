@@ -132,6 +132,8 @@ def _ew(A, op: OpRecord, kind: str | None):
             z = False
         A.set_zero(out, d, z)
     # in-place ops: the mutated tensor now carries the result (same layout, tied above)
+    if kind in ("mul", "div") and len(tens) == 1 and len(scal) == 1 and op.args and op.args[0] == tens[0]:
+        A.note_scale(op, scal[0], tens[0])  # e.g. attention scores / math.sqrt(self.head_dim)
 
 
 for _n in ZP_UNARY:
@@ -599,7 +601,8 @@ def _conv(A, op):
     if mod is not None:
         A.bind(mod, "in_channels", lx)
         A.bind(mod, "out_channels", lout)
-        A.bind(mod, "groups", lg, default=1)
+        if lg is not None:  # a grouped conv whose channels could not be aligned keeps its groups (and is pinned)
+            A.bind(mod, "groups", lg)
 
 
 @rule("addmm", "mm", "bmm", "baddbmm", "addbmm", "matmul", "_addmm_activation")
@@ -752,6 +755,10 @@ def _layernorm(A, op):
     mod = A.module_of(op, ("LayerNorm", "RMSNorm", "LayerNorm2d", "LayerNormGeneral"))
     if mod is not None and hasattr(A.modules[mod], "normalized_shape"):
         A.bind(mod, "normalized_shape", [A.lay(x, d) for d in ndims])
+    elif ndims:
+        # functional ``F.layer_norm(x, (self.dim,), ...)`` / ``F.rms_norm``: a size attribute of the executing
+        # module equal to the normalized size follows those channels, as for a reshape by ``self.num_heads``
+        A.bind_reshape(op, [A.lay(x, d) for d in ndims], [A.shape(x)[d] for d in ndims])
 
 
 @rule("native_group_norm", "group_norm")
@@ -918,6 +925,8 @@ for _n in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_e
 @rule("prunekit.sdpa_scale")
 def _sdpa_scale(A, op):
     q, scale = op.args[0], op.args[1]
+    if isinstance(scale, Number) and not isinstance(scale, bool):
+        A.note_scale(op, scale)  # scale=self.head_dim ** -0.5 computed in forward changes when head_dim does
     if scale is None:
         n = len(A.shape(q))
         C.mix(A.lay(q, n - 1), f"scaled_dot_product_attention in {A.module_name(op)}: default scale 1/sqrt(head_dim) "
@@ -985,13 +994,48 @@ def _index(A, op):
 
 
 @rule("masked_select", "nonzero", "gather", "scatter", "scatter_add", "scatter_reduce", "index_put", "index_put_",
-      "index_add", "index_copy", "index_fill", "take", "unfold", "im2col", "col2im", "as_strided", "as_strided_",
-      "as_strided_copy", "diagonal", "diag", "diag_embed", "sort", "topk", "kthvalue", "unique", "_unique2",
+      "index_add", "index_copy", "index_fill", "take", "unfold", "im2col", "col2im", "diagonal", "diag", "diag_embed", "sort", "topk", "kthvalue", "unique", "_unique2",
       "searchsorted", "bucketize", "histc", "one_hot", "multinomial", "nonzero_static", "scatter_",
       "masked_scatter_", "take_along_dim", "embedding_bag", "_embedding_bag", "fft_rfft2", "fft_irfft2",
       "_fft_r2c", "_fft_c2r", "_fft_c2c", "view_as_complex")
 def _pin_all(A, op):
     A.pin_op(op, f"{A.where(op)}: op rearranges or indexes values (channels pinned)")
+
+
+def _producer(A, ref, before: int):
+    """The op (index < ``before``) whose output is tape node ``ref``, or None (inputs, parameters)."""
+    nid = A._nid(ref)
+    for i in range(min(before, len(A.tape.ops)) - 1, -1, -1):
+        if any(r.id == nid for r in A.tape.ops[i].outs()):
+            return A.tape.ops[i]
+    return None
+
+
+@rule("as_strided", "as_strided_", "as_strided_copy")
+def _as_strided(A, op):
+    """``as_strided`` reinterprets storage, so in general it rearranges values (pinned).  The one case that
+    is an identity on values: the same sizes, no storage offset, and on every dim of size > 1 the stride the
+    input already has.  Strides are not on the tape, so the input's are known only for a reduction's output
+    (a freshly allocated, contiguous tensor): ``adaptive_avg_pool2d(x, 1)`` of a channels-last ``x`` is
+    ``mean(keepdim=True)`` followed by ``as_strided_(out, (N, C, 1, 1), (C, 1, C, C))`` (timm
+    ``SelectAdaptivePool2d`` in ConvNeXt's head).  The ATen kernel computes those sizes from its input, so
+    they follow pruning."""
+    x, out = op.args[0], op.outs()[0]
+    size, stride = list(arg(op, 1, "size")), list(arg(op, 2, "stride"))
+    offset = arg(op, 3, "storage_offset")
+    ish = list(A.shape(x))
+    prod = _producer(A, x, op.index)
+    identity = (size == ish and offset in (None, 0) and len(stride) == len(size) and prod is not None
+                and prod.packet in SUM_LIKE | MEAN_LIKE and len(prod.outs()) == 1
+                and prod.packet not in ("cumsum", "cumprod", "logcumsumexp", "cummax", "cummin"))
+    if identity:
+        contig = [math.prod(ish[k + 1:]) for k in range(len(ish))]
+        identity = all(stride[k] == contig[k] for k in range(len(ish)) if ish[k] > 1)
+    if not identity:
+        A.pin_op(op, f"{A.where(op)}: restrides storage (values rearranged; channels pinned)")
+        return
+    for d in range(len(ish)):
+        A.copy_dim(x, d, out, d)
 
 
 @rule("prunekit.mha_constraint")
