@@ -130,6 +130,12 @@ def _hf(rest: str, shape):
         from transformers import AutoConfig, AutoModel
     except ImportError:
         raise CLIError("hf: models need the transformers package: pip install 'prunekit[hf]'", FAILURE) from None
+    from transformers.utils import is_torch_available
+    if not is_torch_available():  # transformers 5 disables its PyTorch models on torch < 2.6
+        import transformers
+        raise CLIError(f"hf: transformers {transformers.__version__} cannot use torch {torch.__version__} (it disables "
+                       "its PyTorch models); install a transformers release that supports this torch "
+                       "(pip install 'transformers<5' for torch < 2.6) or upgrade torch", FAILURE)
     path = Path(rest)
     if path.is_dir():
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
