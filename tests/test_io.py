@@ -508,3 +508,28 @@ def test_json_record_keys_restored(tied_pruned, tmp_path):
     rec = read_checkpoint(pk.save(tied_pruned, tmp_path / "t.safetensors")).record
     assert all(isinstance(d, int) for info in rec[0]["params"].values() for d in info["remove"])
     assert rec[0]["groups"] == tied_pruned._prunekit_record[0]["groups"]
+
+
+class _KeywordNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x, bias=None):
+        return self.fc(x) + bias
+
+
+def test_export_onnx_with_keyword_inputs(tmp_path):
+    """Keyword example inputs reach the ONNX exporter on every supported torch (torch < 2.5 has no kwargs=)."""
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    model = _KeywordNet()
+    inputs = {"x": torch.randn(2, 6), "bias": torch.randn(2, 4)}
+    path = pk.export(model, inputs, tmp_path / "kw.onnx", format="onnx")  # checked against the model on export
+    proto = onnx.load(str(path))
+    assert len([i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]) == 2
+    from onnx.reference import ReferenceEvaluator
+    names = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    got = ReferenceEvaluator(proto).run(None, dict(zip(names, [inputs["x"].numpy(), inputs["bias"].numpy()])))[0]
+    with torch.no_grad():
+        assert torch.allclose(torch.as_tensor(got), model(**inputs), atol=1e-5)

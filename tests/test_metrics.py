@@ -18,15 +18,58 @@ from prunekit.metrics.flops import MACS, CompiledPoly, Poly, op_macs
 from tests.zoo import tricky_models as T
 
 
+_CPU_SDPA_KERNEL = "_scaled_dot_product_flash_attention_for_cpu"
+
+
+def _analytic_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of one attention call from its shapes, written out here (not prunekit's table): 2 x the MACs of
+    q @ k^T and of scores @ v, over (batch, query heads); key/value may have fewer heads (GQA)."""
+    *lead, s_q, d_q = query_shape
+    s_k, d_v = key_shape[-2], value_shape[-1]
+    assert key_shape[-1] == d_q and value_shape[-2] == s_k, (query_shape, key_shape, value_shape)
+    batch_heads = 1
+    for d in lead:
+        batch_heads *= d
+    return 2 * batch_heads * s_q * s_k * (d_q + d_v)
+
+
+def _flop_counter_counts_cpu_sdpa() -> bool:
+    """Whether the installed torch.utils.flop_counter counts a fused scaled_dot_product_attention on CPU.
+    Version-dependent: torch 2.4 and 2.14 register formulas only for the CUDA kernels (flash, efficient, cudnn),
+    so the CPU kernel ``aten._scaled_dot_product_flash_attention_for_cpu`` counts as 0 there."""
+    q = torch.randn(1, 1, 2, 4)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        F.scaled_dot_product_attention(q, q, q)
+    return fc.get_total_flops() > 0
+
+
+_CUSTOM = {}
+if not _flop_counter_counts_cpu_sdpa() and hasattr(torch.ops.aten, _CPU_SDPA_KERNEL):
+    # This torch's flop_counter misses the CPU SDPA kernel: the reference adds the analytic attention FLOPs
+    # for exactly the calls that reach that kernel (calls that take SDPA's math path are counted by
+    # flop_counter as bmm already).  prunekit's count is still compared with an independent figure.
+    _CUSTOM[getattr(torch.ops.aten, _CPU_SDPA_KERNEL)] = _analytic_sdpa_flops
+
+
+def _sdpa_has_enable_gqa() -> bool:
+    q = torch.randn(1, 2, 2, 4)
+    try:
+        F.scaled_dot_product_attention(q, q[:, :1], q[:, :1], enable_gqa=True)
+    except TypeError:  # torch < 2.5: no enable_gqa argument
+        return False
+    return True
+
+
 def reference_flops(model, x, mha_fastpath: bool = False) -> int:
-    """torch.utils.flop_counter's count.  nn.MultiheadAttention's fused eval fast path
+    """torch.utils.flop_counter's count (plus the analytic FLOPs of CPU SDPA kernel calls where this torch's
+    flop_counter counts them as 0, see ``_CUSTOM``).  nn.MultiheadAttention's fused eval fast path
     (``_native_multi_head_attention``) is invisible to flop_counter; prunekit's capture disables the
     fast path, so the reference does too (unless ``mha_fastpath``)."""
     model.eval()
     old = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(mha_fastpath)
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=dict(_CUSTOM)) as fc:
             model(*x) if isinstance(x, tuple) else model(x)
     finally:
         torch.backends.mha.set_fastpath_enabled(old)
@@ -133,6 +176,8 @@ AGREE = {
 
 @pytest.mark.parametrize("name", sorted(AGREE))
 def test_flops_agree_with_flop_counter(name):
+    if name == "sdpa_gqa" and not _sdpa_has_enable_gqa():
+        pytest.skip(f"F.scaled_dot_product_attention has no enable_gqa in torch {torch.__version__} (added in 2.5)")
     torch.manual_seed(0)
     factory, inp = AGREE[name]
     model, x = factory(), inp()
@@ -391,3 +436,31 @@ def test_latency_restores_after_an_error_and_refuses_meta():
     assert m.training and torch.get_num_threads() == threads
     with pytest.raises(ValueError, match="meta"):
         pk.latency(T.PlainCNN().to("meta"), torch.randn(1, 3, 8, 8))
+
+
+# ---------------------------------------------------------------- the version-dependent SDPA reference
+def test_sdpa_reference_matches_flop_counter_on_the_math_path():
+    """The analytic SDPA FLOPs the reference adds (on torches whose flop_counter counts the CPU kernel as 0)
+    equal what flop_counter itself counts when SDPA runs its math path (explicit bmm ops)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.manual_seed(0)
+    model, x = T.SDPANet().eval(), torch.randn(2, 4, 5)
+    with sdpa_kernel([SDPBackend.MATH]):
+        math_path = reference_flops(model, x)
+    assert math_path > 0
+    assert reference_flops(model, x) == math_path == pk.count(model, x).flops
+
+
+def test_a_wrong_sdpa_count_still_fails_the_comparison(monkeypatch):
+    """The reference is independent of prunekit's formula table: a wrong SDPA formula is caught."""
+    torch.manual_seed(0)
+    model, x = T.SDPANet(), torch.randn(2, 4, 5)
+    ref = reference_flops(model, x)
+    stats = pk.count(model, x)
+    assert stats.flops == ref
+    # the attention ops prunekit's capture recorded (the CPU kernel, or bmm where SDPA took its math path)
+    attention = [op for op in stats.per_op if op != "addmm"]
+    assert attention, stats.per_op
+    for op in attention:
+        monkeypatch.setitem(MACS, op, lambda rec, size, shape, _f=MACS[op]: _f(rec, size, shape) + 1)
+    assert pk.count(model, x).flops != ref

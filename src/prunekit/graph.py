@@ -477,8 +477,8 @@ class PruneGraph:
         for g in self.groups:
             if not show_pinned and not g.prunable:
                 continue
-            mods = ", ".join(g.modules[:max_modules]) + (f" (+{len(g.modules) - max_modules})"
-                                                         if len(g.modules) > max_modules else "")
+            mods = ", ".join(m or "<root>" for m in g.modules[:max_modules])  # the root module is named ""
+            mods += f" (+{len(g.modules) - max_modules})" if len(g.modules) > max_modules else ""
             rows.append((str(g.id), g.unit, str(g.size), mods, "yes" if g.exact else "no",
                          "yes" if g.prunable else f"no: {g.reason[:90]}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -611,11 +611,12 @@ def _analyze(model, example_inputs, forward_fn, device, prune_outputs, validate)
     an = Analyzer(tape, model)
     an.run()
     for nid, path in zip(tape.outputs, tape.output_paths):
+        what = "model output" if path == "output" else f"model output {path}"  # "output": the one returned tensor
         for d in range(len(tape.nodes[nid].shape)):
             if prune_outputs:
-                C.mix(an.lay(nid, d), f"reaches model output {path} (its shape changes)")
+                C.mix(an.lay(nid, d), f"reaches {what} (its shape changes)")
             else:
-                C.pin(an.lay(nid, d), f"model output {path} keeps its shape (pass prune_outputs=True to allow)")
+                C.pin(an.lay(nid, d), f"{what} keeps its shape (pass prune_outputs=True to allow)")
     an.finish()
     graph = PruneGraph(model, tape, an, example_inputs, forward_fn, prune_outputs, time.perf_counter() - t0)
     if validate:

@@ -742,6 +742,8 @@ def test_shared_head_dim_attribute_ties_q_and_v():
 def test_rope_rotate_half_inside_heads_is_never_cut_wrong():
     """Rotate-half RoPE splits head_dim inside the heads x head_dim product: head_dim is kept whole, whole heads
     stay prunable and remove the right rows (a split inside a product interleaves per head)."""
+    from tests._deps import require_transformers
+    require_transformers()
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, num_hidden_layers=1, intermediate_size=96, num_attention_heads=4,

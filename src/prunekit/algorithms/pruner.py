@@ -230,12 +230,17 @@ class Pruner:
         goal, value = self._goal(t.kind, s)
         full = knob(knob.hi)
         if value(full) > goal * (1 + 1e-9):
+            # every eligible group at its minimum (max_ratio, round_to, ignored and pinned groups): the floor
+            base = self.base_latency if t.kind == "latency" else self._goal(t.kind, 0.0)[0]
+            what = {"flops": "FLOPs", "params": "parameters"}.get(t.kind, t.kind)
+            floor = math.ceil(float(value(full)) / max(base, 1e-12) * 1e4) / 1e4
+            step = f" (a step at {1 - s:.4g} kept)" if abs(1 - s - t.ratio) > 1e-9 else ""
             raise ValueError(
-                f"{type(t).__name__}({t.ratio}) is not reachable: with the current constraints at most "
-                f"{self.prunable_proportion:.1%} of the model's {t.kind} can be removed (ignored modules, "
-                f"max_ratio={self.max_ratio}, round_to={self.round_to}, pinned groups: see graph.summary() or "
-                "`prunekit analyze MODEL`). "
-                "Relax the constraints or choose a larger ratio.")
+                f"{type(t).__name__}({t.ratio}){step} is not reachable: with the current constraints (ignored "
+                f"modules, max_ratio={self.max_ratio}, round_to={self.round_to}, pinned groups: see "
+                "graph.summary() or 'prunekit analyze MODEL') the smallest reachable is "
+                f"{type(t).__name__}({floor:.4g}), {1 - floor:.1%} of the model's {what} removed. "
+                f"Choose a ratio >= {floor:.4g} or relax the constraints.")
         lo, hi = 0, knob.hi  # smallest knob position whose value meets the goal
         if knob.continuous:
             lo_f, hi_f = 0.0, 1.0

@@ -17,15 +17,18 @@ from typing import Any
 
 
 def _check_ratio(name: str, r: float, allow_one: bool) -> float:
+    """``r`` as a float, or one ValueError naming the target, what its ratio means, the valid range and ``r``:
+    a channel ratio (fraction removed) is in [0, 1), a FLOPs/params/latency ratio (fraction kept) in (0, 1]."""
+    kept = {"FlopsTarget": "FLOPs", "ParamsTarget": "parameters", "LatencyTarget": "latency"}.get(name, "quantity")
+    meaning, rng = (f"the fraction of the {kept} KEPT", "(0, 1]") if allow_one else \
+        ("the fraction of units removed", "[0, 1)")
     try:
-        r = float(r)
+        v = float(r)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: ratio must be a number, got {r!r}") from None
-    hi_ok = r <= 1.0 if allow_one else r < 1.0
-    if not (0.0 <= r and hi_ok) or r != r:
-        rng = "[0, 1]" if allow_one else "[0, 1)"
-        raise ValueError(f"{name}: ratio must be in {rng}, got {r}")
-    return r
+        v = None
+    if v is None or isinstance(r, bool) or not (0.0 < v <= 1.0 if allow_one else 0.0 <= v < 1.0):
+        raise ValueError(f"{name}: ratio ({meaning}) must be in {rng}, got {r!r}")
+    return v
 
 
 class Target:
@@ -59,10 +62,7 @@ class _KeepTarget(Target):
     ratio: float
 
     def __post_init__(self):
-        r = _check_ratio(type(self).__name__, self.ratio, allow_one=True)
-        if r == 0.0:
-            raise ValueError(f"{type(self).__name__}: ratio is the fraction KEPT and must be > 0, got 0")
-        object.__setattr__(self, "ratio", r)
+        object.__setattr__(self, "ratio", _check_ratio(type(self).__name__, self.ratio, allow_one=True))
 
     @property
     def sparsity(self) -> float:

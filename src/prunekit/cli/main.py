@@ -45,7 +45,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                             help="YAML or JSON file of options (keys = option names, e.g. flops_target: 0.5, "
                                  "ignore: [head]); options on the command line override it")
 
-    p = argparse.ArgumentParser(prog="prunekit", description=__doc__, epilog=EPILOG,
+    # the module docstring is reST (double backticks); --help shows plain text
+    p = argparse.ArgumentParser(prog="prunekit", description=__doc__.replace("``", ""), epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     kw = dict(allow_abbrev=False, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -211,7 +212,7 @@ def _pinned_text(pinned: list[dict]) -> list[str]:
         return ["Pinned groups: none"]
     lines = [f"Pinned groups: {sum(p['count'] for p in pinned)} (not prunable), by reason:"]
     for p in pinned:
-        mods = ", ".join(p["modules"][:3]) + (", ..." if len(p["modules"]) > 3 else "")
+        mods = ", ".join(m or "<root>" for m in p["modules"][:3]) + (", ..." if len(p["modules"]) > 3 else "")
         reason = p["reason"] if len(p["reason"]) <= 140 else p["reason"][:137] + "..."
         lines.append(f"  {p['count']:>4} x {reason}" + (f"  [{mods}]" if mods else ""))
     return lines

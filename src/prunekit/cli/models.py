@@ -11,6 +11,7 @@ Forms (also listed by ``prunekit list-models``):
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import importlib.util
 import json
@@ -101,7 +102,7 @@ def _timm(name: str, shape):
         model = timm.create_model(name, pretrained=False)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise CLIError(f"timm has no model {name!r}; see `prunekit list-models '*{name}*'`", FAILURE) from None
+            raise CLIError(f"timm has no model {name!r}{_unknown_hint(name, 'timm')}", FAILURE) from None
         raise
     if shape is None:  # the model's own default resolution, batch 1
         size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", DEFAULT_IMAGE_SHAPE[1:]))
@@ -118,7 +119,7 @@ def _torchvision(name: str, shape):
         model = torchvision.models.get_model(name, weights=None)
     except ValueError as e:
         if "Unknown model" in str(e):
-            raise CLIError(f"torchvision has no model {name!r}; see `prunekit list-models '*{name}*'`",
+            raise CLIError(f"torchvision has no model {name!r}{_unknown_hint(name, 'torchvision')}",
                            FAILURE) from None
         raise
     return model, _image_input(shape)
@@ -129,6 +130,12 @@ def _hf(rest: str, shape):
         from transformers import AutoConfig, AutoModel
     except ImportError:
         raise CLIError("hf: models need the transformers package: pip install 'prunekit[hf]'", FAILURE) from None
+    from transformers.utils import is_torch_available
+    if not is_torch_available():  # transformers 5 disables its PyTorch models on torch < 2.6
+        import transformers
+        raise CLIError(f"hf: transformers {transformers.__version__} cannot use torch {torch.__version__} (it disables "
+                       "its PyTorch models); install a transformers release that supports this torch "
+                       "(pip install 'transformers<5' for torch < 2.6) or upgrade torch", FAILURE)
     path = Path(rest)
     if path.is_dir():
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -185,6 +192,20 @@ def _from_file(path: Path, fn: str, shape):
         return out[0], out[1]
     raise CLIError(f"{path}:{fn}() returned {type(out).__name__}; it must return an nn.Module or "
                    "(model, example_inputs)", FAILURE)
+
+
+def _unknown_hint(name: str, source: str) -> str:
+    """"; close names: ...; prunekit list-models 'PATTERN' lists N" for an unknown model name: close
+    names from ``source`` first (timm or torchvision), and a list-models pattern only if it matches a model."""
+    names = list_models(None).get(source, [])
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    hint = f"; close names: {', '.join(f'{source}:{n}' for n in close)}" if close else ""
+    stem = re.match(r"[A-Za-z]+(?:_[A-Za-z]+)*", name)  # "resnet5000" -> "resnet", "vit_bigg_x" -> "vit_bigg_x"
+    for pat in dict.fromkeys(p for p in (name, stem and stem.group(0), close and close[0].split("_")[0]) if p):
+        n = sum(len(v) for v in list_models(pat).values())
+        if n:
+            return f"{hint}; prunekit list-models '{pat}' lists {n} model{'s' if n > 1 else ''}"
+    return hint + "; prunekit list-models lists every name"
 
 
 def list_models(pattern: str | None) -> dict[str, list[str]]:

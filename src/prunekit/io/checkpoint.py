@@ -222,14 +222,57 @@ def save(model: nn.Module, path: PathLike, *, extra: dict | None = None) -> Path
 
 
 # ---------------------------------------------------------------- read
+_ST_MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers too
+# torch.save's legacy (non-zip) format starts with its magic number pickled at protocol 2
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def _safetensors_header(f: Any, file_size: int) -> "dict | None":
+    """The parsed safetensors header of the open file ``f``, or None if ``f`` is not a safetensors file:
+    an 8-byte little-endian length N (8 + N within the file), then N bytes of JSON mapping tensor names to
+    ``{"dtype", "shape", "data_offsets"}`` (plus an optional string-valued ``"__metadata__"``)."""
+    f.seek(0)
+    raw = f.read(8)
+    if len(raw) < 8:
+        return None
+    n = int.from_bytes(raw, "little")
+    if not 2 <= n <= min(_ST_MAX_HEADER, file_size - 8):
+        return None
+    try:
+        header = json.loads(f.read(n).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    for key, entry in header.items():
+        if key == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                return None
+        elif not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+                  and isinstance(entry.get("shape"), list) and isinstance(entry.get("data_offsets"), list)
+                  and len(entry["data_offsets"]) == 2):
+            return None
+    return header
+
+
 def _sniff(path: Path) -> str:
+    """``"safetensors"`` or ``"torch"``, decided by content, not by name: a safetensors header that parses
+    comes first (its length bytes can look like anything, e.g. 0x80, a pickle's first byte), then the zip
+    container of ``torch.save``, then ``torch.save``'s legacy pickle format."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(9)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        if _safetensors_header(f, size) is not None:
+            return "safetensors"
+        f.seek(0)
+        head = f.read(len(_LEGACY_TORCH_MAGIC))
+    if head[:4] == b"PK\x03\x04" or head.startswith(_LEGACY_TORCH_MAGIC):
         return "torch"
-    if len(head) == 9 and head[8:9] == b"{":
-        return "safetensors"
-    raise CheckpointError(f"{path}: not a safetensors or torch.save file (it starts with {head!r}); the file is "
+    if len(head) >= 9 and head[8:9] == b"{":
+        n = int.from_bytes(head[:8], "little")
+        raise CheckpointError(f"{path}: looks like a safetensors file, but its header ({n} bytes declared, file "
+                              f"size {size}) is not valid safetensors JSON; the file is truncated or corrupt: "
+                              "save it again with prunekit.save()")
+    raise CheckpointError(f"{path}: not a safetensors or torch.save file (it starts with {head[:9]!r}); the file is "
                           "truncated or corrupt, or in another format: save it again with prunekit.save()")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import warnings
 from pathlib import Path
@@ -53,11 +54,18 @@ def _export_onnx(model: nn.Module, args: tuple, kwargs: dict, tmp: Path, kw: dic
     kw = dict(kw)
     # the dynamo-based exporter (torch's default) needs onnxscript; the TorchScript one works without it
     kw.setdefault("dynamo", _has("onnxscript"))
-    if kw["dynamo"]:
+    params = inspect.signature(torch.onnx.export).parameters
+    if kw["dynamo"] and "external_data" in params:  # torch >= 2.6
         kw.setdefault("external_data", False)  # one self-contained file
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript-based ONNX export"
-        torch.onnx.export(model, args, str(tmp), kwargs=kwargs or None, **kw)
+        if kwargs and "kwargs" not in params:
+            # torch < 2.5 has no kwargs= parameter: a trailing dict in args holds the keyword inputs
+            torch.onnx.export(model, (*args, dict(kwargs)), str(tmp), **kw)
+        elif kwargs:
+            torch.onnx.export(model, args, str(tmp), kwargs=kwargs, **kw)
+        else:
+            torch.onnx.export(model, args, str(tmp), **kw)
     if not _has("onnx"):
         log.warning("onnx is not installed: %s was written but not checked (pip install onnx onnxruntime)", tmp)
         return None

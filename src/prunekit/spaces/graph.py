@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -24,6 +25,11 @@ _ATTR_DENY = {"training", "in_channels", "out_channels", "in_features", "out_fea
 
 _VIEWLIKE = {"t", "transpose", "permute", "view", "_unsafe_view", "reshape", "expand", "_to_copy", "clone",
              "contiguous", "alias", "detach", "unsqueeze", "squeeze", "slice", "select", "lift_fresh"}
+
+
+def module_label(name: str) -> str:
+    """A module name for display: the root module (name "") shows as ``<root>``."""
+    return name or "<root>"
 
 
 @dataclass
@@ -84,8 +90,8 @@ class Group:
         return [m for m in self.modules if m not in self.source]
 
     def describe(self) -> str:
-        src = ", ".join(self.source) or "(none)"
-        dep = ", ".join(self.dependents) or "(none)"
+        src = ", ".join(map(module_label, self.source)) or "(none)"
+        dep = ", ".join(map(module_label, self.dependents)) or "(none)"
         return f"group {self.id}: source {src}; dependents {dep}"
 
     def __repr__(self) -> str:
@@ -93,11 +99,48 @@ class Group:
         return f"Group(id={self.id}, unit={self.unit!r}, size={self.size}, exact={self.exact}, {state})"
 
 
+def unit_indices(gid: int, units: Iterable[int]) -> list[int]:
+    """The unit indices of one plan entry as a list of ints, checked: every index an integer (an int, a numpy
+    or 0-d tensor integer, or an integer tensor; not a float, bool or float tensor) and listed once.  The one
+    check for plans (``pk.prune``, ``pk.mask``, ``group.slices``): a ValueError names the group and the fix."""
+    if isinstance(units, torch.Tensor):
+        if units.dtype == torch.bool or units.dtype.is_floating_point or units.dtype.is_complex:
+            raise ValueError(f"group {gid}: unit indices must be integers, got a {units.dtype} tensor; pass the "
+                             "indices of the units to drop (e.g. mask.nonzero().flatten(), or .long() after "
+                             "rounding explicitly)")
+        vals = [int(v) for v in units.reshape(-1).tolist()]
+    else:
+        if isinstance(units, (str, bytes)) or not isinstance(units, Iterable):
+            raise TypeError(f"group {gid}: units must be an iterable of ints (the indices of the units to drop), "
+                            f"got {type(units).__name__}")
+        vals = []
+        for x in units:
+            bad = isinstance(x, bool) or type(x).__name__ in ("bool_", "bool") or (
+                isinstance(x, torch.Tensor) and (x.dtype == torch.bool or x.numel() != 1))
+            try:
+                v = operator.index(x) if not bad else None
+            except TypeError:
+                v = None
+            if v is None:
+                raise ValueError(f"group {gid}: unit indices must be integers, got {x!r} "
+                                 f"({type(x).__name__}); pass whole unit numbers such as [0, 3] (round floats "
+                                 "yourself if that is what you mean)")
+            vals.append(v)
+    if len(set(vals)) != len(vals):
+        seen: set[int] = set()
+        dups = sorted({v for v in vals if v in seen or seen.add(v)})
+        raise ValueError(f"group {gid}: unit {', '.join(map(str, dups[:8]))} listed more than once; list each unit "
+                         "to drop once (e.g. sorted(set(units)))")
+    return vals
+
+
 def _units_tensor(units: Iterable[int], size: int, gid: int) -> torch.Tensor:
     if isinstance(units, torch.Tensor) and units.dtype == torch.long and units.dim() == 1:
         u = torch.unique(units)  # sorted; a plan's units usually arrive as a tensor (no per-element Python)
+        if u.numel() != units.numel():
+            unit_indices(gid, units)  # raises: a unit listed twice
     else:
-        u = torch.as_tensor(sorted(set(int(x) for x in units)), dtype=torch.long)
+        u = torch.as_tensor(sorted(unit_indices(gid, units)), dtype=torch.long)
     if u.numel() and (u.min() < 0 or u.max() >= size):
         raise ValueError(f"group {gid}: unit indices must be in [0, {size}), got {u.tolist()[:8]}")
     return u

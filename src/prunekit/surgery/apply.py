@@ -10,6 +10,7 @@ from torch import nn
 
 from ..capture.tape import call_model, eval_mode, flatten_outputs
 from ..spaces import core as C
+from ..spaces.graph import unit_indices
 
 log = logging.getLogger("prunekit.surgery")
 
@@ -42,10 +43,7 @@ def normalize_plan(graph, plan: Plan) -> dict[int, torch.Tensor]:
     res = {}
     for gid, units in plan.items():
         g = graph.group(gid)
-        try:
-            u = torch.as_tensor(sorted(set(int(x) for x in units)), dtype=torch.long)
-        except TypeError as e:
-            raise TypeError(f"group {gid}: units must be an iterable of ints ({e})") from None
+        u = torch.as_tensor(sorted(unit_indices(gid, units)), dtype=torch.long)  # ints, each once (or ValueError)
         if u.numel() == 0:
             continue
         if not g.prunable:
