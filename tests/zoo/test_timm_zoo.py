@@ -31,8 +31,9 @@ def _check(name: str):
             model(x)
     except Exception:  # a model with a fixed image size (e.g. aimv2 *_336): use its own input size
         x = _small_input(name, cap=None)
-    graph, _ = prune_and_check(model, x)
+    graph, _ = prune_and_check(model, x, factory=lambda: timm.create_model(name, pretrained=False))
     assert graph.groups
+    return graph
 
 
 @pytest.mark.parametrize("name", CI_MODELS)

@@ -10,7 +10,9 @@ import copy
 import functools
 import math
 import random
+import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,17 +239,24 @@ def test_pruned_runs_on_other_batch_size(name):
             assert_close_outputs(call(masked, x5), out5)
 
 
-@pytest.mark.parametrize("name", NAMES)
+# its checkpoint's safetensors header length starts with byte 0x80, which pk.load takes for a pickle (issue 11,
+# "Files"; the fix of io/checkpoint.py _sniff is not on this branch)
+_SNIFFED_AS_PICKLE = {"channels_last_mlp"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
+    strict=True, reason="pk.load reads the safetensors file as a pickle (header length starts with 0x80)"))
+    if n in _SNIFFED_AS_PICKLE else n for n in NAMES])
 def test_state_dict_roundtrip(name):
     original, model, graph, plan, x, ref = pruned(name)
-    clone = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in clone.parameters():
-            p.zero_()
+    # through a FRESH model: the original architecture built again, resized from the saved pruning record
     sd = model.state_dict()
-    clone.load_state_dict(sd, strict=True)
+    with tempfile.TemporaryDirectory() as d:
+        clone = pk.load(pk.save(model, Path(d) / "pruned.safetensors"), TRICKY[name][0]).eval()
+    assert clone is not model
     for k, v in clone.state_dict().items():
         assert v.shape == sd[k].shape and torch.equal(v, sd[k]), k
+    assert sorted(clone.state_dict()) == sorted(sd)
     with torch.no_grad():
         assert_close_outputs(call(model, x), call(clone, x), rtol=0, atol=0)
     # the pruned state_dict does not load into the unpruned model when something was removed

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import secrets
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Union
 
@@ -156,6 +157,24 @@ def _dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
         storages.add(sid)
         tensors[name] = t.cpu()
     return tensors, aliases
+
+
+def with_module_versions(state: Mapping[str, torch.Tensor], model: nn.Module) -> Mapping[str, torch.Tensor]:
+    """``state`` carrying ``model``'s per-module state-dict versions when it has none of its own.
+
+    ``nn.Module.state_dict()`` records each module's ``_version`` in ``state_dict._metadata``; a state dict read
+    back from a safetensors file (or rebuilt as a plain dict) has lost it, and modules whose
+    ``_load_from_state_dict`` checks the version (torchvision's MNASNet: "version should be set to 1 or 2")
+    then refuse to load.  The freshly built model's own versions describe its code, so they are used.
+    """
+    if getattr(state, "_metadata", None) is not None:
+        return state
+    meta = getattr(model.state_dict(keep_vars=True), "_metadata", None)
+    if meta is None:
+        return state
+    out = OrderedDict(state)
+    out._metadata = meta  # type: ignore[attr-defined]
+    return out
 
 
 # ---------------------------------------------------------------- save
@@ -462,7 +481,7 @@ def load(path: PathLike, model_or_builder: nn.Module | Callable[[], nn.Module], 
     expected = _replayed_shapes(model, ckpt.record, source)
     missing, unexpected = check_state(source, expected, ckpt.state_dict, strict)
     replay_record(model, ckpt.record)
-    model.load_state_dict(ckpt.state_dict, strict=strict)
+    model.load_state_dict(with_module_versions(ckpt.state_dict, model), strict=strict)
     if missing or unexpected:
         log.warning("%s: loaded with %d missing and %d unexpected key(s)", source, len(missing), len(unexpected))
     log.info("loaded %s (%d pruning step(s) replayed)", source, len(ckpt.record))

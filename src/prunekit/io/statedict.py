@@ -17,7 +17,7 @@ from torch import nn
 
 from ..graph import PruneGraph, analyze
 from ..surgery import PruningError, normalize_plan, param_drops, prune
-from .checkpoint import CheckpointError, PathLike, _unwrap, check_state, read_checkpoint
+from .checkpoint import CheckpointError, PathLike, _unwrap, check_state, read_checkpoint, with_module_versions
 
 log = logging.getLogger("prunekit.io")
 
@@ -249,5 +249,5 @@ def load_state_dict_pruned(model: nn.Module, state_dict: Mapping[str, torch.Tens
             raise CheckpointError(f"{source}: resizing the model failed: {e}") from e
         log.info("%s: resized %d group(s) to the checkpoint: %s", source, len(plan),
                  {g: len(u) for g, u in plan.items()})
-    res = model.load_state_dict(state, strict=strict)
+    res = model.load_state_dict(with_module_versions(state, model), strict=strict)
     return IncompatibleKeys(list(res.missing_keys), list(res.unexpected_keys))
