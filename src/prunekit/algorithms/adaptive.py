@@ -10,7 +10,8 @@ prefix -- proposes the smallest cut of its lowest-ranked units that brings the w
 iteration's budget.  The cut is computed, not tried: FLOPs and parameters from the captured graph
 (``macs_kept`` / ``params_kept``), latency from a per-layer latency table measured once on the target device.
 Candidates that cannot meet the budget on their own are skipped.  Every proposal is a pruned copy of the
-model, fine-tuned briefly by ``finetune_fn(copy, iteration, candidate)`` and scored by ``eval_fn(copy)``
+model, fine-tuned briefly by ``finetune_fn(copy, iteration, candidate)`` (or the part of these arguments that
+the function takes, see :mod:`prunekit._callbacks`) and scored by ``eval_fn(copy)``
 (higher is better); the best proposal (ties: the lowest candidate index) becomes the model.  When the budget
 is met, groups whose width is not a multiple of ``round_to`` are rounded down, and ``final_finetune_fn`` runs.
 
@@ -47,6 +48,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from .._callbacks import callback
 from ..capture.tape import call_model, eval_mode, flatten_outputs
 from ..io.checkpoint import CheckpointError, atomic_path, load, model_fingerprint, save
 from ..io.checkpoint import canonical_json as _canon, write_json as _write_json
@@ -247,10 +249,15 @@ class AdaptivePruner:
         model: the original model (pruned in place by :meth:`run`; on resume it must be freshly built).
         example_inputs: what ``model`` is called with (tensor, tuple or dict).
         budget: ``(kind, ratio)``: kind ``"flops"``, ``"params"`` or ``"latency"``, ratio the fraction KEPT.
-        finetune_fn: ``finetune_fn(model_copy, iteration, candidate)`` briefly trains a proposal
-            (:class:`Candidate` says which; ``candidate.steps`` is ``short_finetune_steps``).
+        finetune_fn: briefly trains a proposal, offered ``(model_copy, iteration, candidate)``
+            (:class:`Candidate` says which; ``candidate.steps`` is ``short_finetune_steps``).  It takes
+            what it needs: ``f(model)``, ``f(model, iteration)``, ``f(model, iteration, candidate)``,
+            ``f(model, candidate)`` (by name), ``f(model, **kw)`` (the others by keyword) or ``f(*args)``;
+            further parameters need a default (``f(model, steps=30)`` keeps its 30).  Checked here, at
+            construction: a function that cannot be called so raises ``TypeError``.
         eval_fn: ``eval_fn(model_copy) -> float``, higher is better.  Default: minus the mean squared
-            difference to the original model's outputs on ``example_inputs``.
+            difference to the original model's outputs on ``example_inputs``.  Further parameters need a
+            default.
         workdir: folder for checkpoints, logs, the latency table and resuming.
         criterion: ranks units inside a group (:func:`prunekit.get_criterion` names); the lowest go first.
         round_to: kept channels are a multiple of this; at least one unit (one multiple) always stays.
@@ -260,7 +267,8 @@ class AdaptivePruner:
         granularity: ``"group"`` (every prunable group is a candidate) or ``"block"`` (consecutive groups
             whose first source module shares the first ``block_depth`` name components, e.g. resnet stages).
         short_finetune_steps: passed to ``finetune_fn`` as ``candidate.steps``.
-        final_finetune_fn: ``final_finetune_fn(model)`` once after the search and the final rounding.
+        final_finetune_fn: ``final_finetune_fn(model)`` once after the search and the final rounding
+            (further parameters need a default).
         final_round: round every eligible group down to a multiple of ``round_to`` at the end.
         workers: ``> 1`` evaluates candidates in that many spawned CPU processes (one thread each);
             ``finetune_fn``/``eval_fn`` must then be picklable (module-level functions).
@@ -298,10 +306,12 @@ class AdaptivePruner:
             raise ValueError(f"block_depth must be a positive integer, got {block_depth!r}")
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError(f"workers must be a positive integer, got {workers!r}")
-        for name, fn in (("finetune_fn", finetune_fn), ("eval_fn", eval_fn), ("final_finetune_fn", final_finetune_fn),
-                         ("measure_fn", measure_fn), ("forward_fn", forward_fn)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"AdaptivePruner: {name} must be callable, got {type(fn).__name__}")
+        owner = "AdaptivePruner"
+        self._finetune = callback(finetune_fn, "finetune_fn", owner, ("model", "iteration", "candidate"))
+        self._eval = callback(eval_fn, "eval_fn", owner, ("model",))
+        self._final_finetune = callback(final_finetune_fn, "final_finetune_fn", owner, ("model",))
+        self._measure = callback(measure_fn, "measure_fn", owner, ("module", "inputs"), required=2)
+        callback(forward_fn, "forward_fn", owner, ("model", "inputs"), required=2, positional=True)
         grid = sorted({float(f) for f in latency_grid} | {1.0}, reverse=True)
         if any(not 0.0 < f <= 1.0 for f in grid):
             raise ValueError(f"latency_grid holds kept fractions in (0, 1], got {list(latency_grid)}")
@@ -381,7 +391,7 @@ class AdaptivePruner:
 
     def _latency_ms(self, model: nn.Module, inputs: Any, whole: bool) -> float:
         if self.measure_fn is not None:
-            return float(self.measure_fn(model, inputs))
+            return float(self._measure(model, inputs))
         from ..metrics import latency
         fwd = self.forward_fn if whole else None
         return float(latency(model, inputs, device=self.device, threads=self.threads, repeats=self.latency_repeats,
@@ -604,7 +614,7 @@ class AdaptivePruner:
                 cand = Candidate(idx, name, tuple(kept), tuple(kept.values()), self.short_finetune_steps,
                                  self.seed + it * 1000 + idx)
                 yield {"model": _pack(trial) if pool is not None else trial, "candidate": cand, "iteration": it,
-                       "finetune_fn": self.finetune_fn, "eval_fn": self.eval_fn, "inputs": self.example_inputs,
+                       "finetune_fn": self._finetune, "eval_fn": self._eval, "inputs": self.example_inputs,
                        "ref": self._ref, "forward_fn": self.forward_fn}
         results = pool.imap(_evaluate, jobs()) if pool is not None else map(_evaluate, jobs())
         for (idx, _, _), res in zip(props, results):
@@ -736,7 +746,7 @@ class AdaptivePruner:
         rounded = self._final_round()
         if self.final_finetune_fn is not None:
             torch.manual_seed(self.seed + (self.iteration + 1) * 1000)
-            self.final_finetune_fn(self.model)
+            self._final_finetune(self.model)
         graph = self._pruner.graph
         self.final = {"iterations": self.iteration, "rounded_groups": len(rounded), "macs": int(graph.macs()),
                       "params": int(graph.params_kept({})), "value_ratio": self._value(graph) / self.base}

@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from .._callbacks import callback
 from ..graph import PruneGraph, analyze
 from ..importance import Criterion, get_criterion
 from ..importance.base import unit_view
@@ -473,6 +474,10 @@ class TrainingPruner:
             example_inputs = _inputs_from_shape(c["input_shape"])
         if example_inputs is None and c["input_shape"] is not None:
             example_inputs = _inputs_from_shape(c["input_shape"])
+        callback(forward_fn, "forward_fn", "TrainingPruner", ("model", "inputs"), required=2, positional=True,
+                 accepted=["forward_fn(model, inputs)", "a function of the inputs alone (model.forward) in third "
+                           "place: TrainingPruner(model, config, model.forward)"])
+        callback(loss_fn, "loss_fn", "TrainingPruner", ("model", "batch"), required=2, positional=True)
         self.example_inputs, self.forward_fn = example_inputs, forward_fn
         if c["slice_args"] is not None:
             log.info("slice_args given: slice pruning is done by prunekit.algorithms.slices; TrainingPruner keeps the "

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from .._callbacks import callback as _callback
 from ..io.checkpoint import (CheckpointError, _replayed_shapes, atomic_path, canonical_json as _canon, check_state,
                              model_fingerprint, model_shapes as _model_shapes, read_checkpoint, save,
                              write_json as _write_json)
@@ -207,12 +208,16 @@ def prune_iteratively(pruner: Any, schedule: Schedule | str = "linear", finetune
     Args:
         pruner: a :class:`prunekit.Pruner`; its target's ``sparsity`` is the schedule's final sparsity.
         schedule: a :class:`Schedule` or a name for :func:`get_schedule` (``"linear"``, ``"agp"``, ...).
-        finetune_fn: ``finetune_fn(model, step)`` after each pruning step (steps count from 1).
+        finetune_fn: after each pruning step, offered ``(model, step)`` (steps count from 1); it takes what
+            it needs: ``f(model)``, ``f(model, step)`` (any name for the second parameter), ``f(model, **kw)``
+            or ``f(*args)``; further parameters need a default (``f(model, epochs=1)`` keeps its 1).
+            Checked when called: a function that cannot be called so raises ``TypeError`` before any pruning.
         eval_fn: ``eval_fn(model) -> float | dict[str, float]`` after fine-tuning; stored as ``metric``.
+            Further parameters need a default (``f(model, batches=10)``); checked like ``finetune_fn``.
         steps: number of pruning steps (default: the schedule's ``steps``; :class:`OneShot` is always one).
         workdir: folder for per-step checkpoints and the resume state (see the module docstring).
         callback: ``callback(entry)`` after each step with a copy of the history entry; returning ``False``
-            stops after that step (a later call with the same workdir continues).
+            stops after that step (a later call with the same workdir continues).  Checked like ``finetune_fn``.
         progress: draw a progress bar (rich or tqdm, on stderr) when one of them is installed.
         resume: continue the run saved in ``workdir``; ``False`` discards it and starts over.
         seed: if given, ``torch.manual_seed(seed + step)`` before each step, so random criteria and
@@ -226,9 +231,9 @@ def prune_iteratively(pruner: Any, schedule: Schedule | str = "linear", finetune
     (``None`` without ``eval_fn``), ``seconds`` (the step's wall time), and ``checkpoint`` with a workdir.
     """
     schedule = get_schedule(schedule)
-    for name, fn in (("finetune_fn", finetune_fn), ("eval_fn", eval_fn), ("callback", callback)):
-        if fn is not None and not callable(fn):
-            raise TypeError(f"prune_iteratively: {name} must be callable, got {type(fn).__name__}")
+    finetune = _callback(finetune_fn, "finetune_fn", "prune_iteratively", ("model", "step"))
+    evaluate = _callback(eval_fn, "eval_fn", "prune_iteratively", ("model",))
+    on_step = _callback(callback, "callback", "prune_iteratively", ("entry",))
     target = pruner.target
     sparsities = schedule.sparsities(target.sparsity, steps)
     n = len(sparsities)
@@ -311,13 +316,13 @@ def prune_iteratively(pruner: Any, schedule: Schedule | str = "linear", finetune
             snap = snaps.get(rewind) if rewind else None
             if snap is not None:
                 _rewind(model, snap)
-            if finetune_fn is not None:
-                finetune_fn(model, t)
+            if finetune is not None:
+                finetune(model, t)
             if rewind == "early" and t == schedule.rewind_step:
                 snaps["early"] = _snapshot(model)
                 if wd is not None:
                     _save_snapshot(wd / "rewind_early.pt", snaps["early"])
-            metric = _metric(eval_fn(model)) if eval_fn is not None else None
+            metric = _metric(evaluate(model)) if evaluate is not None else None
             macs, params = int(p_entry["macs"]), int(p_entry["params"])
             entry = {"step": t, "sparsity": s, "macs": macs, "params": params,
                      "macs_ratio": macs / max(1, pruner.base_macs), "params_ratio": params / max(1, pruner.base_params),
@@ -334,7 +339,7 @@ def prune_iteratively(pruner: Any, schedule: Schedule | str = "linear", finetune
             log.info("prune_iteratively step %d/%d: sparsity %.4f, MACs %.4g (%.1f%%), params %.4g, metric %s, %.2fs",
                      t, n, s, macs, 100 * entry["macs_ratio"], params, metric, entry["seconds"])
             advance(f"s={s:.3f}")
-            if callback is not None and callback(dict(entry)) is False:
+            if on_step is not None and on_step(dict(entry)) is False:
                 log.info("prune_iteratively: callback stopped the run after step %d of %d", t, n)
                 break
     return model, [dict(e) for e in history]
