@@ -11,7 +11,7 @@ fine-tuning (test set), MACs and parameters (``pk.count``, the same counter for 
 Methods (adding one is one entry in ``METHODS``):
 
 * ``pk:<criterion>``: one-shot ``pk.Pruner(model, x, criterion, pk.FlopsTarget(r))`` for every criterion in
-  ``prunekit.importance.CRITERIA``; data criteria get ``--calib-batches`` training batches and the default
+  ``prunekit.plan.importance.CRITERIA``; data criteria get ``--calib-batches`` training batches and the default
   cross-entropy loss.
 * ``tp:<criterion>``: Torch-Pruning's ``BasePruner`` (= ``MetaPruner``) with the matching importance, the final
   ``fc`` ignored, same ``global_pruning`` and ``round_to``.  Torch-Pruning prunes by channel ratio, so the

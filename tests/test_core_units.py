@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit.spaces import core as C
+from prunekit.analysis import spaces as C
 
 
 # ---------------------------------------------------------------- helpers

@@ -42,7 +42,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         import prunekit as pk
         from prunekit.algorithms.training import masked_units
-        from prunekit.importance import get_criterion
+        from prunekit.plan.importance import get_criterion
 
         torch.manual_seed(0)
         model = Net()

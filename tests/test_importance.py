@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import prunekit as pk
-from prunekit.importance import CRITERIA, get_criterion, unit_view
-from prunekit.spaces.graph import Member
+from prunekit.plan.importance import CRITERIA, get_criterion, unit_view
+from prunekit.analysis.analyzer import Member
 
 ALL = sorted(CRITERIA)
 DATA = ("taylor", "taylor_act", "hessian")

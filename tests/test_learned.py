@@ -12,7 +12,7 @@ from torch import nn
 
 import prunekit as pk
 from prunekit.algorithms.learned import LearnedPruning, _channel_map
-from prunekit.spaces.graph import Member
+from prunekit.analysis.analyzer import Member
 from tests.zoo.tricky_models import MatmulAttentionNet, SDPANet
 
 FMNIST = "/usr/share/datasets/fashion-mnist"

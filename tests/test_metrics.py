@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 import prunekit as pk
 from prunekit.capture.tape import OpRecord, TRef
-from prunekit.metrics.flops import MACS, CompiledPoly, Poly, op_macs
+from prunekit.cost.flops import MACS, CompiledPoly, Poly, op_macs
 from tests.zoo import tricky_models as T
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import prunekit as pk
-from prunekit.schedules import SCHEDULES, ResumeError, Schedule
+from prunekit.plan.schedules import SCHEDULES, ResumeError, Schedule
 from prunekit.surgery import slice_state_dict
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))

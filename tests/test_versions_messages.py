@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit.algorithms.targets import ChannelRatio, FlopsTarget, LatencyTarget, ParamsTarget
+from prunekit.plan.targets import ChannelRatio, FlopsTarget, LatencyTarget, ParamsTarget
 from tests.zoo import tricky_models as T
 
 

@@ -7,16 +7,16 @@ or, with a criterion and a target:
 
     pk.Pruner(model, example_inputs, "l2", pk.FlopsTarget(0.5)).prune()
 """
-from . import importance
+from .plan import importance
 from .algorithms import (AdaptivePruner, ChannelRatio, FlopsTarget, LatencyTarget, LearnedPruning, ParamsTarget,
                          Pruner, SlicePruning, TrainingPruner, keep_masked, masked_to_pruned, rebuild_optimizer)
 from .capture import CaptureError
 from .graph import PruneGraph, analyze
-from .importance import Criterion, get_criterion
+from .plan.importance import Criterion, get_criterion
 from .io import CheckpointError, ExportError, export, load, load_state_dict_pruned, save
-from .metrics import LatencyResult, Stats, count, latency
-from .schedules import AGP, Geometric, Linear, LotteryTicket, OneShot, get_schedule, prune_iteratively
-from .spaces import Group
+from .cost import LatencyResult, Stats, count, latency
+from .plan.schedules import AGP, Geometric, Linear, LotteryTicket, OneShot, get_schedule, prune_iteratively
+from .analysis import Group
 from .surgery import PruningError, VerificationError, apply_masks, mask, prune, unmask
 
 __version__ = "0.1.0"
@@ -36,3 +36,25 @@ __all__ = [
     "AdaptivePruner",
     "__version__",
 ]
+
+
+def _old_module_paths() -> None:
+    """Deprecated module paths of the first layout (``prunekit.spaces``, ``.metrics``, ``.importance``,
+    ``.schedules``, ``.algorithms.targets``) keep importing: they name the moved modules."""
+    import importlib
+    import sys
+    old = {"spaces": "analysis", "spaces.core": "analysis.spaces", "spaces.rules": "analysis.rules",
+           "spaces.graph": "analysis.analyzer", "metrics": "cost", "metrics.flops": "cost.flops",
+           "metrics.count": "cost.count", "metrics.latency": "cost.latency", "importance": "plan.importance",
+           "importance.base": "plan.importance.base", "importance.weight": "plan.importance.weight",
+           "importance.gradient": "plan.importance.gradient", "schedules": "plan.schedules",
+           "schedules.base": "plan.schedules.base", "schedules.iterative": "plan.schedules.iterative",
+           "algorithms.targets": "plan.targets"}
+    for o, n in old.items():
+        mod = sys.modules.setdefault(f"{__name__}.{o}", importlib.import_module(f"{__name__}.{n}"))
+        parent, _, leaf = o.rpartition(".")
+        if parent and not hasattr(sys.modules[f"{__name__}.{parent}"], leaf):
+            setattr(sys.modules[f"{__name__}.{parent}"], leaf, mod)  # ``import prunekit.spaces.core`` resolves
+
+
+_old_module_paths()

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from .capture.tape import Tape, capture, meta_view, tensor_view, trace_shapes
-from .metrics.flops import op_macs
-from .spaces import core as C
-from .spaces.graph import Analyzer, Binding, Group, Member, pin_reason
+from .cost.flops import op_macs
+from .analysis import spaces as C
+from .analysis.analyzer import Analyzer, Binding, Group, Member, pin_reason
 
 log = logging.getLogger("prunekit")
 
@@ -247,7 +247,7 @@ class PruneGraph:
         return poly(self._check_kept(kept))
 
     def _macs_polynomial(self):
-        from .metrics.flops import MACS
+        from .cost.flops import MACS
         shape = lambda r: self.tape.nodes[r.id].shape  # noqa: E731
         size = lambda r, d: self._dim_poly(r.id, d)  # noqa: E731
         total = 0
@@ -259,7 +259,7 @@ class PruneGraph:
 
     def _dim_poly(self, nid: int, d: int):
         """A dim's size as a polynomial in the kept units of groups (an int where no group reaches it)."""
-        from .metrics.flops import Poly
+        from .cost.flops import Poly
         lays = self.analyzer.layouts[nid]
         lay = lays[d] if lays is not None else None
         if lay is None:
@@ -271,7 +271,7 @@ class PruneGraph:
         return C.kept_size(lay, leaf_size=leaf)
 
     def _compile_kept(self, poly):
-        from .metrics.flops import CompiledPoly
+        from .cost.flops import CompiledPoly
         return CompiledPoly(poly, {g.id: g.size for g in self.groups})
 
     def _check_kept(self, kept: Mapping[int, Any] | None) -> Mapping[int, Any]:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import prunekit as pk
-from prunekit.spaces.graph import Group, Member
+from prunekit.analysis.analyzer import Group, Member
 
 
 def groups_with(graph, fqn: str):

@@ -6,7 +6,7 @@ from .optim import rebuild_optimizer, remember_param_names
 from .pruner import Pruner, group_key
 from .regularizers import BNSlimming, ChannelReg, GroupLasso, GrowingReg, Regularizer, l2_histograms
 from .slices import SlicePruning
-from .targets import ChannelRatio, FlopsTarget, LatencyTarget, ParamsTarget, Target, as_target
+from ..plan.targets import ChannelRatio, FlopsTarget, LatencyTarget, ParamsTarget, Target, as_target
 from .training import MaskHook, TrainingPruner, keep_masked, masked_to_pruned
 
 __all__ = ["AdaptivePruner", "BNSlimming", "ChannelRatio", "ChannelReg", "FlopsTarget", "GroupLasso", "GrowingReg",

@@ -54,7 +54,7 @@ from ..io.checkpoint import CheckpointError, atomic_path, load, model_fingerprin
 from ..io.checkpoint import canonical_json as _canon, write_json as _write_json
 from ..surgery import RECORD_ATTR, prune as _prune, pruned_copy, replay_record
 from .pruner import Pruner, _Slot, group_key
-from .targets import FlopsTarget, LatencyTarget, ParamsTarget
+from ..plan.targets import FlopsTarget, LatencyTarget, ParamsTarget
 
 log = logging.getLogger("prunekit.adaptive")
 
@@ -392,7 +392,7 @@ class AdaptivePruner:
     def _latency_ms(self, model: nn.Module, inputs: Any, whole: bool) -> float:
         if self.measure_fn is not None:
             return float(self._measure(model, inputs))
-        from ..metrics import latency
+        from ..cost import latency
         fwd = self.forward_fn if whole else None
         return float(latency(model, inputs, device=self.device, threads=self.threads, repeats=self.latency_repeats,
                              forward_fn=fwd).median_ms)

@@ -57,9 +57,9 @@ from torch import nn
 
 from ..capture.tape import flatten_outputs
 from ..graph import PruneGraph, analyze, source_dim
-from ..importance.base import is_norm, module_and_attr, unit_view
-from ..metrics import count
-from ..spaces.graph import Group
+from ..plan.importance.base import is_norm, module_and_attr, unit_view
+from ..cost import count
+from ..analysis.analyzer import Group
 from ..surgery import prune
 from .pruner import _pattern
 

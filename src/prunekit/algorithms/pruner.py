@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from ..graph import PruneGraph, analyze
-from ..spaces.graph import Group
+from ..analysis.analyzer import Group
 from ..surgery import prune as _prune
 from ..surgery import pruned_copy
-from .targets import ChannelRatio, Target, as_target
+from ..plan.targets import ChannelRatio, Target, as_target
 
 log = logging.getLogger("prunekit.pruner")
 
@@ -102,7 +102,7 @@ class Pruner:
                  ignore: Iterable[Any] | None = None, data: Any = None, loss_fn: Callable | None = None,
                  prune_outputs: bool = False, verify: bool = True, criterion_kwargs: Mapping | None = None,
                  attention: str = "head_dim"):
-        from ..importance import get_criterion
+        from ..plan.importance import get_criterion
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"Pruner expects an nn.Module, got {type(model).__name__}")
@@ -329,7 +329,7 @@ class Pruner:
 
     # ------------------------------------------------------------------ latency
     def _measure(self, model: nn.Module) -> float:
-        from ..metrics import latency
+        from ..cost import latency
         t = self.target
         res = latency(model, self.example_inputs, device=getattr(t, "device", "cpu"), threads=getattr(t, "threads", None),
                       repeats=getattr(t, "repeats", 10), forward_fn=self.forward_fn)

@@ -29,9 +29,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..importance import get_criterion
-from ..importance.base import get_param, is_norm, resolve_groups, unit_view
-from ..spaces.graph import Group
+from ..plan.importance import get_criterion
+from ..plan.importance.base import get_param, is_norm, resolve_groups, unit_view
+from ..analysis.analyzer import Group
 from .optim import unwrap
 
 log = logging.getLogger("prunekit.regularizers")

@@ -35,16 +35,16 @@ from torch import nn
 
 from .._callbacks import callback
 from ..graph import PruneGraph, analyze
-from ..importance import Criterion, get_criterion
-from ..importance.base import unit_view
-from ..metrics import count
+from ..plan.importance import Criterion, get_criterion
+from ..plan.importance.base import unit_view
+from ..cost import count
 from ..io.checkpoint import atomic_path
 from ..surgery import (RECORD_ATTR, apply_masks, mask, module_attr, normalize_plan, param_drops, prune, replay_record,
                        slice_tensor)
 from . import regularizers as R
 from .optim import rebuild_optimizer, remember_param_names, unwrap
 from .pruner import Pruner
-from .targets import FlopsTarget
+from ..plan.targets import FlopsTarget
 
 log = logging.getLogger("prunekit.training")
 

@@ -26,7 +26,7 @@ Exit codes: 0 done; 1 the run failed (model did not build, target unreachable, p
 
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    from ..importance import CRITERIA
+    from ..plan.importance import CRITERIA
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", "-q", action="store_true", help="no progress spinners on stderr")
@@ -257,7 +257,7 @@ def cmd_analyze(args, parser, argv) -> int:
 def _check_prune_options(args) -> Any:
     """Range checks, naming the option (or config key) at fault; returns the target."""
     import prunekit as pk
-    from ..importance import CRITERIA
+    from ..plan.importance import CRITERIA
 
     if args.ratio is None and args.flops_target is None:
         raise CLIError("prune needs a target: --ratio R (fraction of units removed) or --flops-target F "

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ..capture.tape import call_model, eval_mode, flatten_outputs
-from ..spaces import core as C
-from ..spaces.graph import unit_indices
+from ..analysis import spaces as C
+from ..analysis.analyzer import unit_indices
 
 log = logging.getLogger("prunekit.surgery")
 

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph import source_dim  # the one table of "which weight dim holds a layer's output channels"
-from ..spaces.graph import Group, Member
-from ..surgery import module_attr
+from ...graph import source_dim  # the one table of "which weight dim holds a layer's output channels"
+from ...analysis.analyzer import Group, Member
+from ...surgery import module_attr
 
 log = logging.getLogger("prunekit.importance")
 

@@ -13,7 +13,7 @@ from numbers import Number
 from typing import Callable
 
 from ..capture.tape import OpRecord, TRef
-from . import core as C
+from . import spaces as C
 
 RULES: dict[str, Callable] = {}
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..capture.tape import OpRecord, Tape, TRef
-from . import core as C
+from . import spaces as C
 from .rules import RULES
 
 log = logging.getLogger("prunekit.spaces")

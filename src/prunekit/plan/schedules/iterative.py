@@ -32,11 +32,11 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .._callbacks import callback as _callback
-from ..io.checkpoint import (CheckpointError, _replayed_shapes, atomic_path, canonical_json as _canon, check_state,
+from ..._callbacks import callback as _callback
+from ...io.checkpoint import (CheckpointError, _replayed_shapes, atomic_path, canonical_json as _canon, check_state,
                              model_fingerprint, model_shapes as _model_shapes, read_checkpoint, save,
                              write_json as _write_json)
-from ..surgery import RECORD_ATTR, replay_record, slice_state_dict
+from ...surgery import RECORD_ATTR, replay_record, slice_state_dict
 from .base import LotteryTicket, Schedule, get_schedule
 
 log = logging.getLogger("prunekit.schedules")

@@ -1,3 +1,4 @@
+"""Cost: MACs/FLOPs per op (one formula table), parameter counts, latency measurement."""
 from .count import ModuleStats, Stats, count
 from .flops import MACS, op_macs
 from .latency import LatencyResult, LatencyStats, latency

@@ -1,0 +1,1 @@
+"""Plan: importance criteria, targets and schedules -- what decides which units go."""

@@ -1,4 +1,0 @@
-from .graph import Analyzer, Binding, Group, Member
-from .rules import RULES
-
-__all__ = ["Analyzer", "Binding", "Group", "Member", "RULES"]
