@@ -19,7 +19,7 @@ from .plan.schedules import AGP, Geometric, Linear, LotteryTicket, OneShot, get_
 from .analysis import Group
 from .surgery import PruningError, VerificationError, apply_masks, mask, prune, unmask
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 __all__ = [
     # core pipeline

@@ -1011,7 +1011,7 @@ def test_dry_run_separates_equal_size_groups_that_meet_in_a_reshape():
     assert ga is not gb and ga.size == gb.size == 12
     assert not ga.prunable and not gb.prunable, graph.summary()
     assert "dry-run" in ga.reason and "dry-run" in gb.reason
-    from prunekit.graph import _dry_run_plan
+    from prunekit.verify.dryrun import dry_run_plan as _dry_run_plan
     plan = _dry_run_plan([ga, gb, group_of(graph, "m1.weight", 0)])
     assert len(plan[ga.id]) != len(plan[gb.id])
 

@@ -124,9 +124,9 @@ def count(model: Any, example_inputs: Any = None, forward_fn: Callable | None = 
     ({group id: units or number of units to drop}) gives the counts the model would have after
     that plan, without touching it.  The model is never modified.
     """
-    from ..graph import PruneGraph  # the graph module imports metrics: import lazily
-
-    if isinstance(model, PruneGraph):
+    # a PruneGraph (which builds on this package, so it is recognised by what it offers, not imported)
+    if not isinstance(model, nn.Module) and isinstance(getattr(model, "tape", None), Tape) \
+            and hasattr(model, "drops_by_leaf"):
         if example_inputs is not None or forward_fn is not None:
             raise ValueError("count(graph) reuses the graph's captured forward: do not pass example_inputs or "
                              "forward_fn (call count(model, example_inputs) to count on another input)")

@@ -212,7 +212,7 @@ def save(model: nn.Module, path: PathLike, *, extra: dict | None = None) -> Path
     masked = sorted(getattr(model, _MASKS_ATTR, None) or {})
     if masked:
         log.info("saving %d masked tensor(s) with their masked units as zeros; the masks are not saved", len(masked))
-    from .. import __version__
+    from .._version import __version__
     fields: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "prunekit_version": __version__,
         "torch_version": str(torch.__version__), "model_class": _class_name(model),

@@ -1,6 +1,7 @@
 """Apply a plan: the one slicing routine, physical removal, masking, verification, rollback."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
 from typing import Any, Iterable, Mapping
@@ -8,20 +9,11 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..capture.tape import call_model, eval_mode, flatten_outputs
 from ..analysis import spaces as C
 from ..analysis.analyzer import unit_indices
+from ..verify.check import PruningError, VerificationError, check_finite, compare_outputs, run_outputs
 
 log = logging.getLogger("prunekit.surgery")
-
-
-class PruningError(RuntimeError):
-    """A plan could not be applied; the model was left unchanged."""
-
-
-class VerificationError(PruningError):
-    """The pruned model did not reproduce the masked original; the model was restored."""
-
 
 Plan = Mapping[int, Iterable[int]]
 
@@ -102,17 +94,6 @@ def _masked_state(model: nn.Module, graph, drops) -> dict[str, torch.Tensor]:
         for a in _aliases(graph).get(fqn, []):
             state[a] = m
     return state
-
-
-def _run(model, graph, state=None):
-    from torch.nn.utils.stateless import _reparametrize_module
-    with eval_mode(model), torch.no_grad():
-        if state:
-            with _reparametrize_module(model, state, tie_weights=False, strict=False):
-                out = call_model(model, graph.example_inputs, graph.forward_fn)
-        else:
-            out = call_model(model, graph.example_inputs, graph.forward_fn)
-    return flatten_outputs(out)[0]
 
 
 def _sync_rnn_flat_weights(mod: nn.Module, attr: str, t: torch.Tensor) -> None:
@@ -206,21 +187,16 @@ def remove(model: nn.Module, graph, plan: dict[int, torch.Tensor], undo: _Undo) 
             undo.set_attr(mod, "num_parameters", mod.weight.numel())
 
 
-def _compare(ref: list[torch.Tensor], out: list[torch.Tensor], rtol: float, atol: float,
-             outputs_may_shrink: bool = False) -> str | None:
-    if len(ref) != len(out):
-        return f"the model now returns {len(out)} tensors instead of {len(ref)}"
-    for i, (a, b) in enumerate(zip(ref, out)):
-        if outputs_may_shrink and a.shape != b.shape and a.dim() == b.dim():
-            continue  # prune_outputs=True: this output was allowed to lose channels
-        if a.shape != b.shape:
-            return f"output {i} has shape {tuple(b.shape)} instead of {tuple(a.shape)}"
-        if a.is_floating_point() and a.device.type != "meta":
-            scale = float(a.abs().max()) if a.numel() else 1.0
-            if not torch.allclose(a.float(), b.float(), rtol=rtol, atol=atol * max(1.0, scale)):
-                err = float((a.float() - b.float()).abs().max())
-                return f"output {i} differs from the masked original by up to {err:.3g} (scale {scale:.3g})"
-    return None
+@contextlib.contextmanager
+def trial(model: nn.Module, graph, plan: dict[int, torch.Tensor]):
+    """Remove ``plan``'s units from ``model`` (usually a meta or private-copy view of it), and roll every
+    tensor and attribute change back on exit: the dry run's and the scale probe's step."""
+    undo = _Undo()
+    try:
+        remove(model, graph, plan, undo)
+        yield model
+    finally:
+        undo.rollback()
 
 
 def check_graph(model: nn.Module, graph) -> None:
@@ -250,9 +226,9 @@ def prune(model: nn.Module, graph, plan: Plan, *, verify: bool = True, rtol: flo
     try:
         if verify:
             if exact:
-                ref = _run(model, graph, _masked_state(model, graph, param_drops(graph, exact)))
+                ref = run_outputs(model, graph, _masked_state(model, graph, param_drops(graph, exact)))
             else:
-                ref = _run(model, graph)
+                ref = run_outputs(model, graph)
         # stage 1: exact groups (compared with the masked original); stage 2: the rest (shape checks)
         remove(model, graph, norm, undo)
         if verify:
@@ -260,24 +236,21 @@ def prune(model: nn.Module, graph, plan: Plan, *, verify: bool = True, rtol: flo
                 # verify exact groups alone on a second pass: undo the inexact part by re-running stage-wise
                 undo.rollback()
                 remove(model, graph, exact, undo)
-                out = _run(model, graph)
-                msg = _compare(ref, out, rtol, atol, graph.prune_outputs)
+                out = run_outputs(model, graph)
+                msg = compare_outputs(ref, out, rtol, atol, graph.prune_outputs)
                 if msg:
                     raise VerificationError(f"pruned model does not match the masked original: {msg}")
                 undo.rollback()
                 remove(model, graph, norm, undo)
-                out = _run(model, graph)
-                msg = _compare(ref, out, float("inf"), float("inf"), graph.prune_outputs)
+                out = run_outputs(model, graph)
+                msg = compare_outputs(ref, out, float("inf"), float("inf"), graph.prune_outputs)
             else:
-                out = _run(model, graph)
-                msg = _compare(ref, out, rtol, atol, graph.prune_outputs) if exact else \
-                    _compare(ref, out, float("inf"), float("inf"), graph.prune_outputs)
+                out = run_outputs(model, graph)
+                msg = compare_outputs(ref, out, rtol, atol, graph.prune_outputs) if exact else \
+                    compare_outputs(ref, out, float("inf"), float("inf"), graph.prune_outputs)
             if msg:
                 raise VerificationError(f"pruned model failed verification: {msg}")
-            for o in out:
-                if o.is_floating_point() and o.device.type != "meta" and not torch.isfinite(o).all():
-                    if all(torch.isfinite(r).all() for r in ref if r.is_floating_point()):
-                        raise VerificationError("pruned model produces non-finite values")
+            check_finite(ref, out)
     except VerificationError as e:
         undo.rollback()
         groups = ", ".join(str(g) for g in list(norm)[:10])
