@@ -39,16 +39,14 @@ from ..plan.importance import Criterion, get_criterion
 from ..plan.importance.base import unit_view
 from ..cost import count
 from ..io.checkpoint import atomic_path
-from ..surgery import (RECORD_ATTR, apply_masks, mask, module_attr, normalize_plan, param_drops, prune, replay_record,
-                       slice_tensor)
+from ..surgery import (MASKS_ATTR as _MASKS, RECORD_ATTR, apply_masks, mask, module_attr, normalize_plan,
+                       param_drops, prune, replay_record, slice_tensor)
 from . import regularizers as R
 from .optim import rebuild_optimizer, remember_param_names, unwrap
 from .pruner import Pruner
 from ..plan.targets import FlopsTarget
 
 log = logging.getLogger("prunekit.training")
-
-_MASKS = "_prunekit_masks"  # where pk.mask keeps its masks (prunekit.surgery.apply)
 
 
 def _store(module: nn.Module) -> dict:
