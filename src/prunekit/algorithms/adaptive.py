@@ -50,8 +50,9 @@ from torch import nn
 
 from .._callbacks import callback
 from ..capture.tape import call_model, eval_mode, flatten_outputs
-from ..io.checkpoint import CheckpointError, atomic_path, load, model_fingerprint, save
+from ..io.checkpoint import model_fingerprint
 from ..io.checkpoint import canonical_json as _canon, write_json as _write_json
+from ..runs.workdir import ResumeError, Workdir, model_info
 from ..surgery import RECORD_ATTR, prune as _prune, pruned_copy, replay_record
 from .pruner import Pruner, _Slot, group_key
 from ..plan.targets import FlopsTarget, LatencyTarget, ParamsTarget
@@ -72,7 +73,7 @@ FORMAT_VERSION = 1
 _KINDS = {"flops": FlopsTarget, "params": ParamsTarget, "latency": LatencyTarget}
 
 
-class WorkdirError(ValueError):
+class WorkdirError(ResumeError):
     """The workdir holds a run that does not fit this call (another model, other settings, a pruned model)."""
 
 
@@ -89,11 +90,6 @@ class Candidate:
 
 
 # ---------------------------------------------------------------- small helpers
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def _gkey(g) -> str:
     return json.dumps(group_key(g))
 
@@ -322,6 +318,8 @@ class AdaptivePruner:
         self.kind, self.ratio = kind, ratio
         self.finetune_fn, self.eval_fn, self.final_finetune_fn = finetune_fn, eval_fn, final_finetune_fn
         self.workdir = Path(workdir) if workdir is not None else None
+        self._wd = Workdir(self.workdir, FORMAT, version=FORMAT_VERSION, what="an AdaptivePruner", error=WorkdirError,
+                           state_file=STATE_FILE) if workdir is not None else None
         self.delta_crop, self.delta_decay = float(delta_crop), float(delta_decay)
         self.min_delta = float(min_delta) if min_delta is not None else self.delta_crop / 10
         self.granularity, self.block_depth = granularity, block_depth
@@ -523,64 +521,41 @@ class AdaptivePruner:
 
     # ------------------------------------------------------------------ workdir
     def _state(self) -> dict[str, Any]:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.config(),
-                "model": {"class": type(self.model).__qualname__, "fingerprint": self._fingerprint},
-                "base": self.base, "iteration": self.iteration, "goal": self.goal, "done": self.done,
-                "checkpoint": self._checkpoint, "history": self.history, "final": self.final}
+        return self._wd.new_state(config=self.config(), model=self._model_info, base=self.base,
+                                  iteration=self.iteration, goal=self.goal, done=self.done,
+                                  checkpoint=self._checkpoint, history=self.history, final=self.final)
 
     def _resume(self) -> bool:
         """Restore the run saved in the workdir, if any; True if it had finished."""
-        wd = self.workdir
-        path = wd / STATE_FILE
-        if not path.is_file():
+        wd = self._wd
+        if not wd.has_state():
             return False
-        try:
-            state = json.loads(path.read_text())
-        except ValueError as e:
-            raise WorkdirError(f"{path} is not valid JSON ({e}); the workdir is corrupt: use another workdir") from None
-        if state.get("format") != FORMAT:
-            raise WorkdirError(f"{path}: not an AdaptivePruner state (format {state.get('format')!r}); use another "
-                               "workdir")
-        if int(state.get("format_version", 0)) > FORMAT_VERSION:
-            raise WorkdirError(f"{path}: written by a newer prunekit; upgrade prunekit to resume it")
-        saved = state["model"]
-        if saved["fingerprint"] != self._fingerprint:
-            raise WorkdirError(
-                f"{wd}: the saved run was started from a different model (a {saved['class']} with other layer "
-                f"shapes; this is a {type(self.model).__qualname__}). Resuming needs a freshly built original model "
-                "of the same architecture and config; or use another workdir.")
-        diffs = [f"{k}: saved {state['config'].get(k)!r}, now {v!r}" for k, v in self.config().items()
-                 if _canon(state["config"].get(k)) != _canon(v)]
-        if diffs:
-            raise WorkdirError(f"{wd}: the saved run used other settings ({'; '.join(diffs)}). Pass the same settings "
-                               "to resume, or use another workdir.")
+        state = wd.read_state()
+        wd.check_model(state["model"], self.model, "the saved run was started from a different model",
+                       "Resuming needs a freshly built original model of the same architecture and config; or use "
+                       "another workdir.")
+        wd.check_config(state["config"], self.config(), "Pass the same settings to resume, or use another workdir.")
         self.base, self.goal, self.iteration = state["base"], state["goal"], int(state["iteration"])
         self.history, self.done, self._checkpoint = list(state["history"]), bool(state["done"]), state["checkpoint"]
         self.final = dict(state.get("final") or {})
         if self._checkpoint:
-            try:
-                load(wd / self._checkpoint, self.model)
-            except CheckpointError as e:
-                raise WorkdirError(f"cannot resume from {wd / self._checkpoint}: {e}") from e
+            wd.restore(self.model, self._checkpoint)
             self._pruner.invalidate()
-        _write_text(wd / LOG_FILE, "".join(json.dumps(e) + "\n" for e in self.history))
-        log.info("AdaptivePruner: %s %s after iteration %d", "finished run in" if self.done else "resuming", wd,
+        wd.write_text(LOG_FILE, "".join(json.dumps(e) + "\n" for e in self.history))
+        log.info("AdaptivePruner: %s %s after iteration %d", "finished run in" if self.done else "resuming", wd.path,
                  self.iteration)
         return self.done
 
     def _save_iteration(self, entry: dict) -> None:
-        wd = self.workdir
+        wd = self._wd
         old = self._checkpoint
         name = FINAL_FILE if self.done else f"iter_{self.iteration:04d}.safetensors"
-        self._checkpoint = save(self.model, wd / name, extra={"iteration": self.iteration, "done": self.done}).name
-        _write_json(wd / RECORD_FILE, getattr(self.model, RECORD_ATTR, None) or [])
-        _write_json(wd / STATE_FILE, self._state())
+        self._checkpoint = wd.save_checkpoint(self.model, name, {"iteration": self.iteration, "done": self.done})
+        wd.write_json(RECORD_FILE, getattr(self.model, RECORD_ATTR, None) or [])
+        wd.commit(self._state(), checkpoint=self._checkpoint, previous=old)
         if entry is not None:
-            with open(wd / LOG_FILE, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-        _write_text(wd / TABLE_FILE, self.log_table())
-        if old and old != self._checkpoint:
-            (wd / old).unlink(missing_ok=True)
+            wd.append_line(LOG_FILE, entry)
+        wd.write_text(TABLE_FILE, self.log_table())
 
     def log_table(self) -> str:
         """The history as a markdown table (what ``workdir/log.md`` holds)."""
@@ -697,20 +672,20 @@ class AdaptivePruner:
         if getattr(self.model, RECORD_ATTR, None):
             raise WorkdirError("AdaptivePruner.run() needs the original, unpruned model (this one already carries a "
                                "pruning record); build the model again and pass it to a new AdaptivePruner")
-        self._fingerprint = model_fingerprint(self.model)
+        self._model_info = model_info(self.model)
         self._checkpoint = None
         if self.kind == "latency":
             self._ensure_table()
         if self.base is None:
             self.base = self._value(self._pruner.graph)
         self.final: dict[str, Any] = {}
-        if self.workdir is not None:
+        if self._wd is not None:
             if self._resume():
                 return self.model
-            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._wd.mkdir()
             if self.iteration == 0:
-                _write_json(self.workdir / STATE_FILE, self._state())
-                _write_text(self.workdir / LOG_FILE, "")
+                self._wd.write_state(self._state())
+                self._wd.write_text(LOG_FILE, "")
         target = self.ratio * self.base
         full = {s.group.id: s.min_keep for s in self._pruner._slots()}
         if self._value(self._pruner.graph, full) > target * (1 + 1e-9):

@@ -38,13 +38,13 @@ from ..graph import PruneGraph, analyze
 from ..plan.importance import Criterion, get_criterion
 from ..plan.importance.base import unit_view
 from ..cost import count
-from ..io.checkpoint import atomic_path
 from ..surgery import (MASKS_ATTR as _MASKS, RECORD_ATTR, apply_masks, mask, module_attr, normalize_plan,
                        param_drops, prune, replay_record, slice_tensor)
 from . import regularizers as R
 from .optim import rebuild_optimizer, remember_param_names, unwrap
 from .pruner import Pruner
 from ..plan.targets import FlopsTarget
+from ..runs.workdir import read_torch, write_torch
 
 log = logging.getLogger("prunekit.training")
 
@@ -661,13 +661,12 @@ class TrainingPruner:
         opt = optimizer or self.optimizer
         ck = {"model": self.module.state_dict(), "pruner": self.state_dict(),
               "optimizer": opt.state_dict() if opt is not None else None, "extra": extra}
-        with atomic_path(Path(path)) as tmp:
-            torch.save(ck, tmp)
+        write_torch(path, ck)
 
     def load_checkpoint(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> dict:
         """Resume from :meth:`save_checkpoint`: architecture (pruning record), weights, masks, schedule and
         optimizer state.  Works on a freshly built original model.  Returns the ``extra`` entries."""
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = read_torch(path)
         opt = optimizer or self.optimizer
         if opt is not None and opt is not self.optimizer:
             self.attach_optimizer(opt)
