@@ -1,6 +1,6 @@
 """``pk.AdaptivePruner``: NetAdapt-style search, one group (or block) per iteration, with short fine-tuning.
 
-    ap = pk.AdaptivePruner(model, x, ("flops", 0.5), finetune_fn=train_a_little, eval_fn=accuracy,
+    ap = pk.AdaptivePruner(model, x, pk.FlopsTarget(0.5), finetune_fn=train_a_little, eval_fn=accuracy,
                            workdir="runs/adapt", round_to=8)
     model = ap.run()
 
@@ -55,7 +55,7 @@ from ..io.checkpoint import canonical_json as _canon, write_json as _write_json
 from ..runs.workdir import ResumeError, Workdir, model_info
 from ..surgery import RECORD_ATTR, prune as _prune, pruned_copy, replay_record
 from .pruner import Pruner, _Slot, group_key
-from ..plan.targets import FlopsTarget, LatencyTarget, ParamsTarget
+from ..plan.targets import FlopsTarget, LatencyTarget, ParamsTarget, Target, deprecated
 
 log = logging.getLogger("prunekit.adaptive")
 
@@ -244,7 +244,9 @@ class AdaptivePruner:
     Args:
         model: the original model (pruned in place by :meth:`run`; on resume it must be freshly built).
         example_inputs: what ``model`` is called with (tensor, tuple or dict).
-        budget: ``(kind, ratio)``: kind ``"flops"``, ``"params"`` or ``"latency"``, ratio the fraction KEPT.
+        target: ``pk.FlopsTarget(r)`` (default ``r = 0.5``), ``pk.ParamsTarget(r)`` or ``pk.LatencyTarget(r)``:
+            ``r`` the fraction KEPT (a ``LatencyTarget``'s device/threads/repeats are used unless ``device``,
+            ``threads``, ``latency_repeats`` are given).  ``budget=(kind, ratio)`` is its deprecated spelling.
         finetune_fn: briefly trains a proposal, offered ``(model_copy, iteration, candidate)``
             (:class:`Candidate` says which; ``candidate.steps`` is ``short_finetune_steps``).  It takes
             what it needs: ``f(model)``, ``f(model, iteration)``, ``f(model, iteration, candidate)``,
@@ -278,7 +280,7 @@ class AdaptivePruner:
         max_iterations: safety stop for the search.
     """
 
-    def __init__(self, model: nn.Module, example_inputs: Any, budget: Any = ("flops", 0.5),
+    def __init__(self, model: nn.Module, example_inputs: Any, target: Any = None,
                  finetune_fn: Callable | None = None, eval_fn: Callable | None = None,
                  workdir: str | Path | None = None, *, criterion: Any = "l2", round_to: int = 1,
                  ignore: Iterable[Any] | None = None, max_ratio: float = 1.0, delta_crop: float = 0.05,
@@ -289,8 +291,23 @@ class AdaptivePruner:
                  latency_table: LatencyTable | str | Path | None = None,
                  latency_grid: Sequence[float] = (1.0, 0.75, 0.5, 0.25), measure_fn: Callable | None = None,
                  forward_fn: Callable | None = None, data: Any = None, loss_fn: Callable | None = None,
-                 seed: int = 0, max_iterations: int = 1000):
-        kind, ratio = self._parse_budget(budget)
+                 seed: int = 0, max_iterations: int = 1000, budget: Any = None):
+        if budget is not None:
+            if target is not None:
+                raise TypeError("AdaptivePruner: pass target=... only (budget= is its deprecated spelling)")
+            deprecated("AdaptivePruner(budget=(kind, ratio))", "target=pk.FlopsTarget(ratio) (or ParamsTarget, "
+                       "LatencyTarget)")
+            target = budget
+        elif isinstance(target, (tuple, list)):
+            deprecated("AdaptivePruner's (kind, ratio) target", "target=pk.FlopsTarget(ratio) (or ParamsTarget, "
+                       "LatencyTarget)")
+        if target is None:
+            target = FlopsTarget(0.5)
+        kind, ratio = self._parse_budget(target)
+        if isinstance(target, LatencyTarget):  # the target's measuring settings, unless given here
+            device = target.device if device == "cpu" else device
+            threads = target.threads if threads is None else threads
+            latency_repeats = target.repeats if latency_repeats == 10 else latency_repeats
         if not 0.0 < float(delta_crop) < 1.0:
             raise ValueError(f"delta_crop is the fraction of the original budget removed per iteration and must be "
                              f"in (0, 1), got {delta_crop!r}")
@@ -332,7 +349,9 @@ class AdaptivePruner:
         self.forward_fn = forward_fn
         self.seed = int(seed)
         self.max_iterations = int(max_iterations)
-        target = LatencyTarget(ratio, device=self.device, threads=threads) if kind == "latency" else _KINDS[kind](ratio)
+        target = LatencyTarget(ratio, device=self.device, threads=threads, repeats=self.latency_repeats) \
+            if kind == "latency" else _KINDS[kind](ratio)
+        self.target = target
         self._pruner = Pruner(model, example_inputs, criterion, target, forward_fn=forward_fn, round_to=round_to,
                               max_ratio=max_ratio, ignore=ignore, data=data, loss_fn=loss_fn)
         self.round_to = round_to
@@ -353,6 +372,9 @@ class AdaptivePruner:
     def _parse_budget(budget: Any) -> tuple[str, float]:
         if isinstance(budget, (FlopsTarget, ParamsTarget, LatencyTarget)):
             return budget.kind, float(budget.ratio)
+        if isinstance(budget, Target) or (isinstance(budget, (int, float)) and not isinstance(budget, bool)):
+            raise TypeError(f"AdaptivePruner prunes to a FLOPs, parameter or latency budget: pass "
+                            f"target=pk.FlopsTarget(r), pk.ParamsTarget(r) or pk.LatencyTarget(r), got {budget!r}")
         if not (isinstance(budget, (tuple, list)) and len(budget) == 2 and budget[0] in _KINDS):
             raise ValueError(f"budget must be (kind, ratio_kept) with kind one of {sorted(_KINDS)}, e.g. "
                              f"('flops', 0.5), got {budget!r}")
