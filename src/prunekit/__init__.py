@@ -8,8 +8,9 @@ or, with a criterion and a target:
     pk.Pruner(model, example_inputs, "l2", pk.FlopsTarget(0.5)).prune()
 """
 from .plan import importance
-from .algorithms import (AdaptivePruner, ChannelRatio, FlopsTarget, LatencyTarget, LearnedPruning, ParamsTarget,
-                         Pruner, SlicePruning, TrainingPruner, keep_masked, masked_to_pruned, rebuild_optimizer)
+from .algorithms import (AdaptivePruner, ChannelRatio, FlopsTarget, LatencyTarget, LearnedPruner, LearnedPruning,
+                         ParamsTarget, Pruner, SlicePruner, SlicePruning, TrainingPruner, keep_masked, masked_to_pruned,
+                         rebuild_optimizer)
 from .capture import CaptureError
 from .graph import PruneGraph, analyze
 from .plan.importance import Criterion, get_criterion
@@ -32,8 +33,8 @@ __all__ = [
     "Criterion", "get_criterion", "importance", "ChannelRatio", "FlopsTarget", "LatencyTarget", "ParamsTarget",
     "Pruner", "AGP", "Geometric", "Linear", "LotteryTicket", "OneShot", "get_schedule", "prune_iteratively",
     # training-time pruning, learned gates, slices, adaptive search
-    "TrainingPruner", "keep_masked", "masked_to_pruned", "rebuild_optimizer", "LearnedPruning", "SlicePruning",
-    "AdaptivePruner",
+    "TrainingPruner", "keep_masked", "masked_to_pruned", "rebuild_optimizer", "LearnedPruner", "SlicePruner",
+    "AdaptivePruner", "LearnedPruning", "SlicePruning",  # deprecated names of LearnedPruner, SlicePruner
     "__version__",
 ]
 

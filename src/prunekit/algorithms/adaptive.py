@@ -1,6 +1,6 @@
 """``pk.AdaptivePruner``: NetAdapt-style search, one group (or block) per iteration, with short fine-tuning.
 
-    ap = pk.AdaptivePruner(model, x, ("flops", 0.5), finetune_fn=train_a_little, eval_fn=accuracy,
+    ap = pk.AdaptivePruner(model, x, pk.FlopsTarget(0.5), finetune_fn=train_a_little, eval_fn=accuracy,
                            workdir="runs/adapt", round_to=8)
     model = ap.run()
 
@@ -50,11 +50,12 @@ from torch import nn
 
 from .._callbacks import callback
 from ..capture.tape import call_model, eval_mode, flatten_outputs
-from ..io.checkpoint import CheckpointError, atomic_path, load, model_fingerprint, save
+from ..io.checkpoint import model_fingerprint
 from ..io.checkpoint import canonical_json as _canon, write_json as _write_json
+from ..runs.workdir import ResumeError, Workdir, model_info
 from ..surgery import RECORD_ATTR, prune as _prune, pruned_copy, replay_record
 from .pruner import Pruner, _Slot, group_key
-from ..plan.targets import FlopsTarget, LatencyTarget, ParamsTarget
+from ..plan.targets import FlopsTarget, LatencyTarget, ParamsTarget, Target, deprecated
 
 log = logging.getLogger("prunekit.adaptive")
 
@@ -72,7 +73,7 @@ FORMAT_VERSION = 1
 _KINDS = {"flops": FlopsTarget, "params": ParamsTarget, "latency": LatencyTarget}
 
 
-class WorkdirError(ValueError):
+class WorkdirError(ResumeError):
     """The workdir holds a run that does not fit this call (another model, other settings, a pruned model)."""
 
 
@@ -89,11 +90,6 @@ class Candidate:
 
 
 # ---------------------------------------------------------------- small helpers
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def _gkey(g) -> str:
     return json.dumps(group_key(g))
 
@@ -248,7 +244,9 @@ class AdaptivePruner:
     Args:
         model: the original model (pruned in place by :meth:`run`; on resume it must be freshly built).
         example_inputs: what ``model`` is called with (tensor, tuple or dict).
-        budget: ``(kind, ratio)``: kind ``"flops"``, ``"params"`` or ``"latency"``, ratio the fraction KEPT.
+        target: ``pk.FlopsTarget(r)`` (default ``r = 0.5``), ``pk.ParamsTarget(r)`` or ``pk.LatencyTarget(r)``:
+            ``r`` the fraction KEPT (a ``LatencyTarget``'s device/threads/repeats are used unless ``device``,
+            ``threads``, ``latency_repeats`` are given).  ``budget=(kind, ratio)`` is its deprecated spelling.
         finetune_fn: briefly trains a proposal, offered ``(model_copy, iteration, candidate)``
             (:class:`Candidate` says which; ``candidate.steps`` is ``short_finetune_steps``).  It takes
             what it needs: ``f(model)``, ``f(model, iteration)``, ``f(model, iteration, candidate)``,
@@ -282,7 +280,7 @@ class AdaptivePruner:
         max_iterations: safety stop for the search.
     """
 
-    def __init__(self, model: nn.Module, example_inputs: Any, budget: Any = ("flops", 0.5),
+    def __init__(self, model: nn.Module, example_inputs: Any, target: Any = None,
                  finetune_fn: Callable | None = None, eval_fn: Callable | None = None,
                  workdir: str | Path | None = None, *, criterion: Any = "l2", round_to: int = 1,
                  ignore: Iterable[Any] | None = None, max_ratio: float = 1.0, delta_crop: float = 0.05,
@@ -293,8 +291,23 @@ class AdaptivePruner:
                  latency_table: LatencyTable | str | Path | None = None,
                  latency_grid: Sequence[float] = (1.0, 0.75, 0.5, 0.25), measure_fn: Callable | None = None,
                  forward_fn: Callable | None = None, data: Any = None, loss_fn: Callable | None = None,
-                 seed: int = 0, max_iterations: int = 1000):
-        kind, ratio = self._parse_budget(budget)
+                 seed: int = 0, max_iterations: int = 1000, budget: Any = None):
+        if budget is not None:
+            if target is not None:
+                raise TypeError("AdaptivePruner: pass target=... only (budget= is its deprecated spelling)")
+            deprecated("AdaptivePruner(budget=(kind, ratio))", "target=pk.FlopsTarget(ratio) (or ParamsTarget, "
+                       "LatencyTarget)")
+            target = budget
+        elif isinstance(target, (tuple, list)):
+            deprecated("AdaptivePruner's (kind, ratio) target", "target=pk.FlopsTarget(ratio) (or ParamsTarget, "
+                       "LatencyTarget)")
+        if target is None:
+            target = FlopsTarget(0.5)
+        kind, ratio = self._parse_budget(target)
+        if isinstance(target, LatencyTarget):  # the target's measuring settings, unless given here
+            device = target.device if device == "cpu" else device
+            threads = target.threads if threads is None else threads
+            latency_repeats = target.repeats if latency_repeats == 10 else latency_repeats
         if not 0.0 < float(delta_crop) < 1.0:
             raise ValueError(f"delta_crop is the fraction of the original budget removed per iteration and must be "
                              f"in (0, 1), got {delta_crop!r}")
@@ -322,6 +335,8 @@ class AdaptivePruner:
         self.kind, self.ratio = kind, ratio
         self.finetune_fn, self.eval_fn, self.final_finetune_fn = finetune_fn, eval_fn, final_finetune_fn
         self.workdir = Path(workdir) if workdir is not None else None
+        self._wd = Workdir(self.workdir, FORMAT, version=FORMAT_VERSION, what="an AdaptivePruner", error=WorkdirError,
+                           state_file=STATE_FILE) if workdir is not None else None
         self.delta_crop, self.delta_decay = float(delta_crop), float(delta_decay)
         self.min_delta = float(min_delta) if min_delta is not None else self.delta_crop / 10
         self.granularity, self.block_depth = granularity, block_depth
@@ -334,7 +349,9 @@ class AdaptivePruner:
         self.forward_fn = forward_fn
         self.seed = int(seed)
         self.max_iterations = int(max_iterations)
-        target = LatencyTarget(ratio, device=self.device, threads=threads) if kind == "latency" else _KINDS[kind](ratio)
+        target = LatencyTarget(ratio, device=self.device, threads=threads, repeats=self.latency_repeats) \
+            if kind == "latency" else _KINDS[kind](ratio)
+        self.target = target
         self._pruner = Pruner(model, example_inputs, criterion, target, forward_fn=forward_fn, round_to=round_to,
                               max_ratio=max_ratio, ignore=ignore, data=data, loss_fn=loss_fn)
         self.round_to = round_to
@@ -355,6 +372,9 @@ class AdaptivePruner:
     def _parse_budget(budget: Any) -> tuple[str, float]:
         if isinstance(budget, (FlopsTarget, ParamsTarget, LatencyTarget)):
             return budget.kind, float(budget.ratio)
+        if isinstance(budget, Target) or (isinstance(budget, (int, float)) and not isinstance(budget, bool)):
+            raise TypeError(f"AdaptivePruner prunes to a FLOPs, parameter or latency budget: pass "
+                            f"target=pk.FlopsTarget(r), pk.ParamsTarget(r) or pk.LatencyTarget(r), got {budget!r}")
         if not (isinstance(budget, (tuple, list)) and len(budget) == 2 and budget[0] in _KINDS):
             raise ValueError(f"budget must be (kind, ratio_kept) with kind one of {sorted(_KINDS)}, e.g. "
                              f"('flops', 0.5), got {budget!r}")
@@ -523,64 +543,41 @@ class AdaptivePruner:
 
     # ------------------------------------------------------------------ workdir
     def _state(self) -> dict[str, Any]:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.config(),
-                "model": {"class": type(self.model).__qualname__, "fingerprint": self._fingerprint},
-                "base": self.base, "iteration": self.iteration, "goal": self.goal, "done": self.done,
-                "checkpoint": self._checkpoint, "history": self.history, "final": self.final}
+        return self._wd.new_state(config=self.config(), model=self._model_info, base=self.base,
+                                  iteration=self.iteration, goal=self.goal, done=self.done,
+                                  checkpoint=self._checkpoint, history=self.history, final=self.final)
 
     def _resume(self) -> bool:
         """Restore the run saved in the workdir, if any; True if it had finished."""
-        wd = self.workdir
-        path = wd / STATE_FILE
-        if not path.is_file():
+        wd = self._wd
+        if not wd.has_state():
             return False
-        try:
-            state = json.loads(path.read_text())
-        except ValueError as e:
-            raise WorkdirError(f"{path} is not valid JSON ({e}); the workdir is corrupt: use another workdir") from None
-        if state.get("format") != FORMAT:
-            raise WorkdirError(f"{path}: not an AdaptivePruner state (format {state.get('format')!r}); use another "
-                               "workdir")
-        if int(state.get("format_version", 0)) > FORMAT_VERSION:
-            raise WorkdirError(f"{path}: written by a newer prunekit; upgrade prunekit to resume it")
-        saved = state["model"]
-        if saved["fingerprint"] != self._fingerprint:
-            raise WorkdirError(
-                f"{wd}: the saved run was started from a different model (a {saved['class']} with other layer "
-                f"shapes; this is a {type(self.model).__qualname__}). Resuming needs a freshly built original model "
-                "of the same architecture and config; or use another workdir.")
-        diffs = [f"{k}: saved {state['config'].get(k)!r}, now {v!r}" for k, v in self.config().items()
-                 if _canon(state["config"].get(k)) != _canon(v)]
-        if diffs:
-            raise WorkdirError(f"{wd}: the saved run used other settings ({'; '.join(diffs)}). Pass the same settings "
-                               "to resume, or use another workdir.")
+        state = wd.read_state()
+        wd.check_model(state["model"], self.model, "the saved run was started from a different model",
+                       "Resuming needs a freshly built original model of the same architecture and config; or use "
+                       "another workdir.")
+        wd.check_config(state["config"], self.config(), "Pass the same settings to resume, or use another workdir.")
         self.base, self.goal, self.iteration = state["base"], state["goal"], int(state["iteration"])
         self.history, self.done, self._checkpoint = list(state["history"]), bool(state["done"]), state["checkpoint"]
         self.final = dict(state.get("final") or {})
         if self._checkpoint:
-            try:
-                load(wd / self._checkpoint, self.model)
-            except CheckpointError as e:
-                raise WorkdirError(f"cannot resume from {wd / self._checkpoint}: {e}") from e
+            wd.restore(self.model, self._checkpoint)
             self._pruner.invalidate()
-        _write_text(wd / LOG_FILE, "".join(json.dumps(e) + "\n" for e in self.history))
-        log.info("AdaptivePruner: %s %s after iteration %d", "finished run in" if self.done else "resuming", wd,
+        wd.write_text(LOG_FILE, "".join(json.dumps(e) + "\n" for e in self.history))
+        log.info("AdaptivePruner: %s %s after iteration %d", "finished run in" if self.done else "resuming", wd.path,
                  self.iteration)
         return self.done
 
     def _save_iteration(self, entry: dict) -> None:
-        wd = self.workdir
+        wd = self._wd
         old = self._checkpoint
         name = FINAL_FILE if self.done else f"iter_{self.iteration:04d}.safetensors"
-        self._checkpoint = save(self.model, wd / name, extra={"iteration": self.iteration, "done": self.done}).name
-        _write_json(wd / RECORD_FILE, getattr(self.model, RECORD_ATTR, None) or [])
-        _write_json(wd / STATE_FILE, self._state())
+        self._checkpoint = wd.save_checkpoint(self.model, name, {"iteration": self.iteration, "done": self.done})
+        wd.write_json(RECORD_FILE, getattr(self.model, RECORD_ATTR, None) or [])
+        wd.commit(self._state(), checkpoint=self._checkpoint, previous=old)
         if entry is not None:
-            with open(wd / LOG_FILE, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-        _write_text(wd / TABLE_FILE, self.log_table())
-        if old and old != self._checkpoint:
-            (wd / old).unlink(missing_ok=True)
+            wd.append_line(LOG_FILE, entry)
+        wd.write_text(TABLE_FILE, self.log_table())
 
     def log_table(self) -> str:
         """The history as a markdown table (what ``workdir/log.md`` holds)."""
@@ -697,20 +694,20 @@ class AdaptivePruner:
         if getattr(self.model, RECORD_ATTR, None):
             raise WorkdirError("AdaptivePruner.run() needs the original, unpruned model (this one already carries a "
                                "pruning record); build the model again and pass it to a new AdaptivePruner")
-        self._fingerprint = model_fingerprint(self.model)
+        self._model_info = model_info(self.model)
         self._checkpoint = None
         if self.kind == "latency":
             self._ensure_table()
         if self.base is None:
             self.base = self._value(self._pruner.graph)
         self.final: dict[str, Any] = {}
-        if self.workdir is not None:
+        if self._wd is not None:
             if self._resume():
                 return self.model
-            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._wd.mkdir()
             if self.iteration == 0:
-                _write_json(self.workdir / STATE_FILE, self._state())
-                _write_text(self.workdir / LOG_FILE, "")
+                self._wd.write_state(self._state())
+                self._wd.write_text(LOG_FILE, "")
         target = self.ratio * self.base
         full = {s.group.id: s.min_keep for s in self._pruner._slots()}
         if self._value(self._pruner.graph, full) > target * (1 + 1e-9):

@@ -1,6 +1,6 @@
 """Learned channel pruning: trainable gates per unit, a differentiable FLOPs loss, then physical removal.
 
-Every eligible prunable group gets one logit per unit (or per block of ``block_size`` channels).  The
+Every eligible prunable group gets one logit per unit (or per gate of ``gate_size`` channels).  The
 gates multiply the outputs of the group's *source* layers (the conv/linear/embedding whose output
 channels are the group's units) with forward hooks.  Where a source feeds only normalisation layers of
 the same group (conv -> BatchNorm), the gate multiplies the norm's output instead: a gate before a
@@ -9,12 +9,12 @@ closed, a contribution that vanishes at removal.  For head units the gate repeat
 
 Training adds three losses to the task loss::
 
-    lp = pk.LearnedPruning(model, x, target_flops_ratio=0.5, num_steps=10_000)
+    lp = pk.LearnedPruner(model, x, pk.FlopsTarget(0.5), num_steps=10_000)
     lp.prepare()
     opt = torch.optim.Adam([*model.parameters(), *lp.parameters()], lr=1e-3)
     for step, (x, y) in enumerate(data):
         out = model(x)
-        proportion, flops_loss, entropy_loss, distill_loss = lp.losses(step)
+        proportion, flops_loss, entropy_loss, distill_loss = lp.losses(step)  # a GateLosses named tuple
         loss = task_loss(out, y) + flops_loss + entropy_loss + distill_loss
         opt.zero_grad(); loss.backward(); opt.step()
     small = lp.finalize()          # physically smaller, verified; lp.reached = MACs kept / baseline
@@ -24,7 +24,7 @@ Training adds three losses to the task loss::
   (shared by every layer of the group), with ``tau`` annealed geometrically from ``temperature_start``
   to ``temperature_end`` over ``num_steps``.  In eval mode the gates are deterministic and hard:
   ``1`` where ``sigmoid(logit) > 0.5`` and ``0`` elsewhere, so the eval model equals the model that
-  :meth:`LearnedPruning.finalize` returns (exactly, for exact groups).
+  :meth:`LearnedPruner.finalize` returns (exactly, for exact groups).
 * ``proportion`` = ``graph.macs_kept(expected kept units) / graph.macs()`` where a group's expected kept
   count is ``sum(sigmoid(logit) * block length)``: the same compiled FLOPs polynomial that counts
   the model, differentiable with respect to the logits.
@@ -38,7 +38,7 @@ Training adds three losses to the task loss::
   outputs; the teacher is a frozen copy of the model taken at :meth:`prepare`, run on the inputs of
   the student's last forward in the same train/eval mode.  With ``distill_weight=0`` no copy is made.
 
-The losses returned by :meth:`LearnedPruning.losses` already include their weights: add them as they
+The losses returned by :meth:`LearnedPruner.losses` already include their weights: add them as they
 are.  The temperature a forward uses is the one of the last ``global_step`` given to :meth:`losses`
 (or :meth:`set_step`).
 """
@@ -49,7 +49,7 @@ import fnmatch
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,8 @@ from ..plan.importance.base import is_norm, module_and_attr, unit_view
 from ..cost import count
 from ..analysis.analyzer import Group
 from ..surgery import prune
-from .pruner import _pattern
+from ..plan.targets import Target, deprecated, keep_target
+from .pruner import _pattern, unit_step
 
 log = logging.getLogger("prunekit.learned")
 
@@ -137,17 +138,29 @@ def _source_out_dim(module: nn.Module) -> int:
     return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
 
 
-class LearnedPruning:
+class GateLosses(NamedTuple):
+    """What :meth:`LearnedPruner.losses` returns (unpacks like the 4-tuple of the first releases)."""
+
+    proportion: torch.Tensor  # expected MACs kept / baseline, differentiable in the gate logits
+    flops_loss: torch.Tensor
+    entropy_loss: torch.Tensor
+    distillation_loss: torch.Tensor
+
+
+class LearnedPruner:
     """Learned channel pruning towards a FLOPs target (trainable gates, see the module docstring).
 
     Args:
         model: the model to prune; hooks are added by :meth:`prepare` and removed by :meth:`finalize`.
         example_inputs: what ``model`` is called with (tensor, tuple or dict), for analysis and verification.
-        target_flops_ratio: fraction of the baseline MACs to keep, in (0, 1).
+        target: ``pk.FlopsTarget(r)``, ``r`` the fraction of the baseline MACs to keep, in (0, 1).  The
+            deprecated spellings ``target_flops_ratio=r`` and a bare float ``r`` in this place still work.
         num_steps: training steps over which the temperature and entropy weight are annealed.
         forward_fn: ``forward_fn(model, inputs)`` if the model is not called as ``model(inputs)``.
-        block_size: channels gated together (kept channel counts are multiples of it; a group whose size
-            is not a multiple has one shorter trailing block).  Head and other non-channel units: 1.
+        gate_size: channels gated together (one logit each; a group whose size is not a multiple has one
+            shorter trailing gate).  Head and other non-channel units: 1.  ``block_size`` is its deprecated name.
+        round_to: kept widths are multiples of this, as for :class:`prunekit.Pruner` (a gate spans a multiple
+            of the unit step that gives ``round_to``; with ``gate_size`` their lcm).
         ignore: modules (objects or fnmatch name patterns) whose output channels are never pruned.
         entropy_weight, flops_weight, distill_weight: loss weights (see the module docstring).
         symmetric: weight of the two-sided part of the FLOPs loss (pull back up when under the target).
@@ -157,22 +170,54 @@ class LearnedPruning:
         prune_outputs, verify: passed to :func:`prunekit.analyze` / :func:`prunekit.prune`.
     """
 
-    def __init__(self, model: nn.Module, example_inputs: Any, target_flops_ratio: float, num_steps: int, *,
-                 forward_fn: Callable | None = None, block_size: int = 1, ignore: Iterable[Any] | None = None,
+    def __init__(self, model: nn.Module, example_inputs: Any, target: Any = None, num_steps: int | None = None, *,
+                 forward_fn: Callable | None = None, gate_size: int | None = None, round_to: int = 1,
+                 ignore: Iterable[Any] | None = None,
                  entropy_weight: float = 1.0, flops_weight: float = 3.0, distill_weight: float = 0.0,
                  symmetric: float = 0.1, temperature_start: float = 1.0, temperature_end: float = 0.1,
-                 init_logit: float = 3.0, seed: int = 0, prune_outputs: bool = False, verify: bool = True):
+                 init_logit: float = 3.0, seed: int = 0, prune_outputs: bool = False, verify: bool = True,
+                 target_flops_ratio: float | None = None, block_size: int | None = None):
+        owner = type(self).__name__
+        if target_flops_ratio is not None:
+            if target is not None:
+                raise TypeError(f"{owner}: pass target=pk.FlopsTarget(r) only (target_flops_ratio= is its "
+                                "deprecated spelling)")
+            deprecated(f"{owner}(target_flops_ratio=r)", "target=pk.FlopsTarget(r)")
+            target = float(target_flops_ratio)
+        elif isinstance(target, (int, float)) and not isinstance(target, bool):
+            deprecated(f"{owner}(model, x, r, num_steps) with a float r", "target=pk.FlopsTarget(r)")
+        if target is None:
+            raise TypeError(f"{owner} needs a target: target=pk.FlopsTarget(r), r the fraction of MACs to keep")
+        if isinstance(target, Target):
+            target = keep_target(target, owner, ("flops",))
+            if not target.ratio < 1.0:
+                raise ValueError(f"{owner}: FlopsTarget ratio is the fraction of MACs to KEEP and must be in (0, 1), "
+                                 f"got {target.ratio!r}")
+            target_flops_ratio = target.ratio
+        else:
+            target_flops_ratio = target
+        if block_size is not None:
+            if gate_size is not None:
+                raise TypeError(f"{owner}: pass gate_size= only (block_size= is its deprecated spelling)")
+            deprecated(f"{owner}(block_size=n)", "gate_size=n (channels per gate; round_to= rounds kept widths)")
+            gate_size = block_size
+        gate_size = 1 if gate_size is None else gate_size
+        if num_steps is None:
+            raise TypeError(f"{owner} needs num_steps (training steps over which gates are annealed)")
+        if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+            raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
+        block_size = gate_size
         if not isinstance(model, nn.Module):
-            raise TypeError(f"LearnedPruning expects an nn.Module, got {type(model).__name__}")
+            raise TypeError(f"{owner} expects an nn.Module, got {type(model).__name__}")
         if example_inputs is None and forward_fn is None:
-            raise ValueError("LearnedPruning needs example_inputs (e.g. torch.randn(1, 3, 224, 224)) or a forward_fn")
+            raise ValueError(f"{owner} needs example_inputs (e.g. torch.randn(1, 3, 224, 224)) or a forward_fn")
         if not 0.0 < float(target_flops_ratio) < 1.0:
             raise ValueError(f"target_flops_ratio is the fraction of MACs to KEEP and must be in (0, 1), "
                              f"got {target_flops_ratio!r}")
         if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+            raise ValueError(f"gate_size must be a positive integer, got {block_size!r}")
         if not 0.0 < temperature_end <= temperature_start:
             raise ValueError(f"temperatures must satisfy 0 < temperature_end <= temperature_start, got "
                              f"{temperature_start!r} -> {temperature_end!r}")
@@ -183,9 +228,10 @@ class LearnedPruning:
         self.model = model
         self.example_inputs = example_inputs
         self.forward_fn = forward_fn
-        self.target = float(target_flops_ratio)
+        self.target = float(target_flops_ratio)  # fraction of the baseline MACs kept (FlopsTarget ratio)
         self.num_steps = num_steps
-        self.block_size = block_size
+        self.gate_size = self.block_size = block_size  # block_size: the name of the first releases
+        self.round_to = round_to
         self.entropy_weight, self.flops_weight = float(entropy_weight), float(flops_weight)
         self.distill_weight, self.symmetric = float(distill_weight), float(symmetric)
         self.temperature_start, self.temperature_end = float(temperature_start), float(temperature_end)
@@ -224,16 +270,22 @@ class LearnedPruning:
             out.append(g)
         return out
 
+    def _block_len(self, g: Group) -> int:
+        """Units per gate: ``gate_size`` channels, made a multiple of the ``round_to`` step (see
+        :func:`prunekit.algorithms.pruner.unit_step`); head and other non-channel units: 1."""
+        if g.unit != "channel":
+            return 1
+        return math.lcm(self.gate_size, unit_step(g, self.round_to))
+
     def _blocks(self, g: Group) -> torch.Tensor:
-        b = self.block_size if g.unit == "channel" else 1
-        return torch.arange(g.size) // b
+        return torch.arange(g.size) // self._block_len(g)
 
     @property
     def prunable_proportion(self) -> float:
         """Fraction of the baseline MACs the gates can remove: every gated group down to one block."""
         if self.base_macs == 0:
             return 0.0
-        kept = {g.id: min(g.size, self.block_size if g.unit == "channel" else 1) for g in self.groups}
+        kept = {g.id: min(g.size, self._block_len(g)) for g in self.groups}
         return 1.0 - float(self.graph.macs_kept(kept)) / self.base_macs
 
     # ------------------------------------------------------------------ prepare
@@ -360,7 +412,7 @@ class LearnedPruning:
             raise RuntimeError("call prepare() first: the gate logits are created there")
         return iter([g.logit for g in self.gates.values()])
 
-    def to(self, device: torch.device | str) -> "LearnedPruning":
+    def to(self, device: torch.device | str) -> "LearnedPruner":
         """Move the gates (and the teacher) to ``device`` after moving the model (before building the optimizer)."""
         for g in self.gates.values():
             g.logit.data = g.logit.data.to(device)
@@ -379,8 +431,9 @@ class LearnedPruning:
         return {gid: int(g.block_len[g.hard()].sum()) for gid, g in self.gates.items()}
 
     # ------------------------------------------------------------------ losses
-    def losses(self, global_step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(proportion, flops_loss, entropy_loss, distill_loss)`` after a forward, all scalar tensors.
+    def losses(self, global_step: int) -> GateLosses:
+        """``GateLosses(proportion, flops_loss, entropy_loss, distillation_loss)`` after a forward, all scalar
+        tensors (a named tuple: ``p, f, e, d = lp.losses(step)`` unpacks it).
 
         ``proportion`` is the expected MACs kept / baseline (differentiable in the logits); the three
         losses already carry their weights.  Also sets the step for the temperature of later forwards.
@@ -400,7 +453,11 @@ class LearnedPruning:
         flops_loss = self.flops_weight * (F.relu(gap) + self.symmetric * gap.abs())
         ramp = min(max(self.step / self.num_steps, 0.0), 1.0)
         entropy_loss = self.entropy_weight * ramp * torch.cat(ent).mean()
-        return proportion, flops_loss, entropy_loss, self._distill_loss(ref)
+        return GateLosses(proportion, flops_loss, entropy_loss, self._distill_loss(ref))
+
+    def compute_current_proportion_and_pruning_losses(self, global_step: int) -> GateLosses:
+        """The seed code's name of :meth:`losses`."""
+        return self.losses(global_step)
 
     def _distill_loss(self, ref: torch.Tensor) -> torch.Tensor:
         if self.teacher is None:
@@ -489,5 +546,14 @@ class LearnedPruning:
         self.step = int(state.get("step", 0))
 
     def __repr__(self) -> str:
-        return (f"LearnedPruning({len(self.groups)} groups, target={self.target}, num_steps={self.num_steps}, "
-                f"block_size={self.block_size}, prepared={self.prepared}, finalized={self.finalized})")
+        return (f"{type(self).__name__}({len(self.groups)} groups, target={self.target}, num_steps={self.num_steps}, "
+                f"gate_size={self.gate_size}, round_to={self.round_to}, prepared={self.prepared}, "
+                f"finalized={self.finalized})")
+
+
+class LearnedPruning(LearnedPruner):
+    """Deprecated name of :class:`LearnedPruner` (same class, with a DeprecationWarning when created)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        deprecated("prunekit.LearnedPruning", "prunekit.LearnedPruner", stacklevel=3)
+        super().__init__(*args, **kwargs)

@@ -8,7 +8,7 @@ filters computed together) can skip; the layer keeps its shape -- nothing is rem
 
 Training loop::
 
-    sp = pk.SlicePruning(model, block=4, target_sparsity=0.5, reg=1e-4, start_step=1000, end_step=5000, every=100)
+    sp = pk.SlicePruner(model, block=4, target_sparsity=0.5, reg=1e-4, start_step=1000, end_step=5000, every=100)
     sp.attach(optimizer)                 # re-zero masked slices after every optimizer.step()
     for step, (x, y) in enumerate(data):
         loss = task_loss(model(x), y)
@@ -21,7 +21,7 @@ Training loop::
   gradient of ``reg * f_s * n_s``, i.e. ``reg * f_s * w_s / n_s``, with ``f_s = 2 m / (n_s + m)`` and ``m``
   the mean slice norm of its layer (``f`` is treated as a constant).  ``f`` is 2 for tiny slices, 1 for
   average ones and tends to 0 for large ones: small slices are pushed to zero up to twice as hard as an
-  average slice, the ones that will stay are barely touched.  :meth:`SlicePruning.loss` returns the
+  average slice, the ones that will stay are barely touched.  :meth:`SlicePruner.loss` returns the
   same penalty as a differentiable scalar (use one of the two, not both).
 * Schedule: from ``start_step`` to ``end_step`` the scheduled sparsity follows
   ``target * (1 - (1 - t)^3)`` (``ramp="cubic"``, the gradual-pruning schedule of Zhu & Gupta) or
@@ -70,8 +70,11 @@ def _expand(per_slice: torch.Tensor, weight: torch.Tensor, block: int) -> torch.
     return per_slice.repeat_interleave(block, 0)[:weight.shape[0]].reshape(weight.shape)
 
 
-class SlicePruning:
+class SlicePruner:
     """Slice regularisation and gradual slice masking (see the module docstring).
+
+    Its target is a fraction of weight slices masked (``target_sparsity``), not a FLOPs/params/channel
+    target: the layers keep their shapes, so :class:`prunekit.FlopsTarget` and the others do not apply.
 
     Args:
         model: the model; its conv/linear weights are masked in place.
@@ -79,6 +82,7 @@ class SlicePruning:
         layers: fnmatch name patterns or module objects of the conv/linear layers to sparsify.  Default:
             every ``Conv2d`` and ``Linear`` except the first and the last one in registration order (the
             stem and the classifier are the most sensitive and the least costly).
+        ignore: modules (objects or fnmatch name patterns) left dense, as for :class:`prunekit.Pruner`.
         target_sparsity: fraction of each layer's slices masked at the end of the schedule, in [0, 1).
         reg: regularisation strength of :meth:`regularize` / :meth:`loss`.
         start_step, end_step, every: masking schedule (steps are whatever the caller counts: iterations
@@ -87,10 +91,11 @@ class SlicePruning:
     """
 
     def __init__(self, model: nn.Module, *, block: int = 4, layers: Iterable[Any] | None = None,
+                 ignore: Iterable[Any] | None = None,
                  target_sparsity: float = 0.5, reg: float = 1e-4, start_step: int = 0, end_step: int = 1000,
                  every: int = 100, ramp: str = "cubic"):
         if not isinstance(model, nn.Module):
-            raise TypeError(f"SlicePruning expects an nn.Module, got {type(model).__name__}")
+            raise TypeError(f"{type(self).__name__} expects an nn.Module, got {type(model).__name__}")
         if not isinstance(block, int) or isinstance(block, bool) or block < 1:
             raise ValueError(f"block must be a positive integer (filters per slice), got {block!r}")
         if not 0.0 <= float(target_sparsity) < 1.0:
@@ -111,6 +116,12 @@ class SlicePruning:
         self.start_step, self.end_step, self.every = start_step, end_step, every
         self.ramp = ramp
         self.layers: dict[str, nn.Module] = self._select(layers)
+        if ignore:
+            names = {id(m): n for n, m in model.named_modules()}
+            pats = [_pattern(p, names, "ignore") for p in ignore]
+            self.layers = {n: m for n, m in self.layers.items() if not any(fnmatch.fnmatchcase(n, p) for p in pats)}
+            if not self.layers:
+                raise ValueError(f"ignore={pats} leaves no layer to sparsify; ignore fewer layers")
         self.masks: dict[str, torch.Tensor] = {  # True = slice kept
             n: torch.ones(slice_norms(m.weight.detach(), block).shape, dtype=torch.bool, device=m.weight.device)
             for n, m in self.layers.items()}
@@ -278,5 +289,14 @@ class SlicePruning:
         self.apply_masks()
 
     def __repr__(self) -> str:
-        return (f"SlicePruning({len(self.layers)} layers, block={self.block}, target={self.target}, "
+        return (f"{type(self).__name__}({len(self.layers)} layers, block={self.block}, target={self.target}, "
                 f"steps {self.start_step}..{self.end_step} every {self.every})")
+
+
+class SlicePruning(SlicePruner):
+    """Deprecated name of :class:`SlicePruner` (same class, with a DeprecationWarning when created)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        from ..plan.targets import deprecated
+        deprecated("prunekit.SlicePruning", "prunekit.SlicePruner", stacklevel=3)
+        super().__init__(*args, **kwargs)

@@ -38,17 +38,15 @@ from ..graph import PruneGraph, analyze
 from ..plan.importance import Criterion, get_criterion
 from ..plan.importance.base import unit_view
 from ..cost import count
-from ..io.checkpoint import atomic_path
-from ..surgery import (RECORD_ATTR, apply_masks, mask, module_attr, normalize_plan, param_drops, prune, replay_record,
-                       slice_tensor)
+from ..surgery import (MASKS_ATTR as _MASKS, RECORD_ATTR, apply_masks, mask, module_attr, normalize_plan,
+                       param_drops, prune, replay_record, slice_tensor)
 from . import regularizers as R
 from .optim import rebuild_optimizer, remember_param_names, unwrap
 from .pruner import Pruner
-from ..plan.targets import FlopsTarget
+from ..plan.targets import FlopsTarget, Target, deprecated, keep_target
+from ..runs.workdir import read_torch, write_torch
 
 log = logging.getLogger("prunekit.training")
-
-_MASKS = "_prunekit_masks"  # where pk.mask keeps its masks (prunekit.surgery.apply)
 
 
 def _store(module: nn.Module) -> dict:
@@ -302,11 +300,13 @@ CONFIG: dict[str, Any] = {
     "end_epoch": 10,           # the MAC target is reached (and units removed physically) at this epoch
     "epoch_rate": 1,           # prune every N epochs between start and end
     "global_pruning": False,   # rank units across groups instead of the same ratio per group
-    "block_size": 1,           # kept channels are a multiple of this (round_to)
-    "max_pruning_rate": 1.0,   # at most this fraction of a group's units goes (max_ratio)
-    "mac_target": None,        # REQUIRED: fraction of the original MACs kept at the end (0.7 = 30% fewer)
-    "schedule": "linear",      # "linear": kept MACs ramp linearly to mac_target at end_epoch; "full": ramp as if
-                               #   the target were 0 and stop once mac_target is reached (SIRC's gentler start)
+    "round_to": 1,             # kept channels are a multiple of this (as Pruner's round_to; was "block_size")
+    "max_ratio": 1.0,          # at most this fraction of a group's units goes (as Pruner's; was "max_pruning_rate")
+    "target": None,            # REQUIRED: fraction of the original MACs kept at the end (0.7 = 30% fewer), or a
+                               #   pk.FlopsTarget; was "mac_target"
+    "ignore": None,            # modules / fnmatch patterns never pruned (as Pruner's ignore)
+    "schedule": "linear",      # "linear": kept MACs ramp linearly to the target at end_epoch; "full": ramp as if
+                               #   the target were 0 and stop once the target is reached (SIRC's gentler start)
     "criterion": "l2",         # importance criterion (prunekit.importance names)
     "regularization": None,    # {"type": "channel"|"group_lasso"|"slimming"|"growing"|"none", "strength": ...}
     "reset_optimizer": True,   # drop optimizer state after physical removal (else slice it)
@@ -317,12 +317,29 @@ CONFIG: dict[str, Any] = {
 }
 
 
-def load_config(config: Any) -> dict[str, Any]:
+# deprecated config keys (and the spelling of SIRC-style files): old name -> the name of the Pruner vocabulary
+OLD_KEYS = {"mac_target": "target", "block_size": "round_to", "max_pruning_rate": "max_ratio"}
+
+
+class Config(dict):
+    """A loaded pruning config (a dict); reading an old key (``cfg["mac_target"]``) gives the new key's value
+    with a DeprecationWarning."""
+
+    def __missing__(self, key: str) -> Any:
+        new = OLD_KEYS.get(key)
+        if new is None:
+            raise KeyError(key)
+        deprecated(f"pruning config key {key!r}", f"{new!r}")
+        return self[new]
+
+
+def load_config(config: Any, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A complete, checked config from a dict or a ``.json`` / ``.yaml`` / ``.yml`` file (keys: :data:`CONFIG`).
 
     A seed-style file with the settings under ``"channel_sparsity_args"`` is accepted too (its
-    ``"slice_sparsity_args"`` becomes ``slice_args``).  Unknown keys and bad values raise ``ValueError``
-    naming the key.
+    ``"slice_sparsity_args"`` becomes ``slice_args``; its ``mac_target``, ``block_size``, ``max_pruning_rate``
+    are read as ``target``, ``round_to``, ``max_ratio``).  In a plain config those old keys still work with a
+    ``DeprecationWarning``.  Unknown keys and bad values raise ``ValueError`` naming the key as it was written.
     """
     src = "config"
     if isinstance(config, (str, Path)):
@@ -339,6 +356,7 @@ def load_config(config: Any) -> dict[str, Any]:
     if not isinstance(config, Mapping):
         raise ValueError(f"{src}: a pruning config must be a mapping of settings, got {type(config).__name__}")
     config = dict(config)
+    seed_style = "channel_sparsity_args" in config
     if "channel_sparsity_args" in config:
         outer = config
         config = dict(outer.pop("channel_sparsity_args") or {})
@@ -346,14 +364,26 @@ def load_config(config: Any) -> dict[str, Any]:
             config.setdefault("slice_args", outer.pop("slice_sparsity_args"))
         for k in outer:
             raise ValueError(f"{src}: unknown top-level key {k!r} (expected channel_sparsity_args, slice_sparsity_args)")
-    cfg = dict(CONFIG)
+    cfg = Config(CONFIG)
+    spelled = {k: k for k in CONFIG}  # config key -> as the user wrote it (for messages)
     for k, v in config.items():
+        new = OLD_KEYS.get(k)
+        if new is not None:
+            if new in config:
+                raise ValueError(f"{src}: both {k!r} and {new!r} are given; keep {new!r} ({k!r} is its old name)")
+            if not seed_style:
+                deprecated(f"pruning config key {k!r}", f"{new!r}", stacklevel=4)
+            spelled[new] = k
+            k = new
         if k not in CONFIG:
             raise ValueError(f"{src}: unknown key {k!r}; allowed keys: {sorted(CONFIG)}")
         cfg[k] = v
+    for k, v in (overrides or {}).items():  # TrainingPruner(..., target=..., round_to=...) win over the file
+        if v is not None:
+            cfg[k], spelled[k] = v, k
 
     def bad(key, why):
-        return ValueError(f"{src}: {key!r} {why}, got {cfg[key]!r}")
+        return ValueError(f"{src}: {spelled[key]!r} {why}, got {cfg[key]!r}")
 
     def integer(key, lo):
         v = cfg[key]
@@ -363,17 +393,26 @@ def load_config(config: Any) -> dict[str, Any]:
     for k in ("start_epoch", "end_epoch"):
         integer(k, 0)
     integer("epoch_rate", 1)
-    integer("block_size", 1)
+    integer("round_to", 1)
     if cfg["end_epoch"] < cfg["start_epoch"]:
         raise bad("end_epoch", f"must be >= start_epoch ({cfg['start_epoch']})")
-    mt = cfg["mac_target"]
+    mt = cfg["target"]
     if mt is None:
-        raise ValueError(f"{src}: 'mac_target' is required: the fraction of the original MACs to keep, e.g. 0.7")
+        raise ValueError(f"{src}: 'target' is required: the fraction of the original MACs to keep, e.g. 0.7 (or "
+                         "pk.FlopsTarget(0.7); 'mac_target' in older configs)")
+    if isinstance(mt, Target):
+        cfg["target"] = mt = keep_target(mt, "TrainingPruner", ("flops",)).ratio
     if isinstance(mt, bool) or not isinstance(mt, (int, float)) or not 0.0 < mt <= 1.0:
-        raise bad("mac_target", "must be the fraction of MACs kept, in (0, 1]")
-    mr = cfg["max_pruning_rate"]
+        raise bad("target", "must be the fraction of MACs kept, in (0, 1]")
+    mr = cfg["max_ratio"]
     if isinstance(mr, bool) or not isinstance(mr, (int, float)) or not 0.0 < mr <= 1.0:
-        raise bad("max_pruning_rate", "must be in (0, 1]")
+        raise bad("max_ratio", "must be in (0, 1]")
+    if cfg["ignore"] is not None:
+        if isinstance(cfg["ignore"], str):
+            cfg["ignore"] = [cfg["ignore"]]
+        if not isinstance(cfg["ignore"], (list, tuple)):
+            raise bad("ignore", "must be a list of modules / module name patterns")
+        cfg["ignore"] = list(cfg["ignore"])
     for k in ("global_pruning", "reset_optimizer", "enabled", "verify"):
         if not isinstance(cfg[k], bool):
             raise bad(k, "must be true or false")
@@ -434,12 +473,13 @@ def _forward_from_callable(fwd: Callable, module: nn.Module) -> Callable:
 class TrainingPruner:
     """Pruning-aware training towards a MAC target (SIRC's channel pruning schedule).
 
-    ``config``: a dict or a JSON/YAML file with the keys of :data:`CONFIG` (see :func:`load_config`).
+    ``config``: a dict or a JSON/YAML file with the keys of :data:`CONFIG` (see :func:`load_config`);
+    ``target`` (``pk.FlopsTarget(r)`` or ``r``), ``round_to``, ``max_ratio`` and ``ignore`` given here
+    override the config's.
     On the scheduled epochs (``start_epoch``, every ``epoch_rate`` epochs, and ``end_epoch``) :meth:`step`
     masks more units so that the MACs of the model -- counting masked units as removed -- follow a linear
-    ramp from 100% to ``mac_target`` at ``end_epoch``; units are chosen by a :class:`prunekit.Pruner` plan
-    (``criterion``, ``global_pruning``, ``block_size`` = round_to, ``max_pruning_rate`` = max_ratio,
-    ``layers``), and units already masked always stay in the plan.  When the target is reached the masked
+    ramp from 100% to ``target`` at ``end_epoch``; units are chosen by a :class:`prunekit.Pruner` plan
+    (``criterion``, ``global_pruning``, ``round_to``, ``max_ratio``, ``ignore``, ``layers``), and units already masked always stay in the plan.  When the target is reached the masked
     units are removed physically (:func:`masked_to_pruned`) and the optimizer, if given, is rebuilt
     (:func:`prunekit.rebuild_optimizer`, state reset per ``reset_optimizer``).  Masks hold through
     training by themselves once an optimizer is known (:func:`keep_masked`).
@@ -451,10 +491,12 @@ class TrainingPruner:
 
     def __init__(self, model: nn.Module, config: Any, example_inputs: Any = None, forward_fn: Callable | None = None,
                  *, optimizer: torch.optim.Optimizer | None = None, data: Any = None,
-                 loss_fn: Callable | None = None):
+                 loss_fn: Callable | None = None, target: Any = None, round_to: int | None = None,
+                 max_ratio: float | None = None, ignore: Any = None):
         self.model = model
         self.module = unwrap(model)
-        self.config = load_config(config)
+        self.config = load_config(config, {"target": target, "round_to": round_to, "max_ratio": max_ratio,
+                                           "ignore": ignore})
         c = self.config
         if callable(example_inputs) and not isinstance(example_inputs, (torch.Tensor, nn.Module)):
             # SIRC's calling convention: TrainingPruner(model, config, forward_fn) with forward_fn = model.forward
@@ -485,9 +527,9 @@ class TrainingPruner:
         self.slice_args = c["slice_args"]
         crit = _MaskAwareCriterion(get_criterion(c["criterion"]))
         try:
-            self.pruner = _LayerPruner(self.module, example_inputs, crit, FlopsTarget(c["mac_target"]),
+            self.pruner = _LayerPruner(self.module, example_inputs, crit, FlopsTarget(c["target"]),
                                        forward_fn=forward_fn, global_pruning=c["global_pruning"],
-                                       round_to=c["block_size"], max_ratio=c["max_pruning_rate"], data=data,
+                                       round_to=c["round_to"], max_ratio=c["max_ratio"], ignore=c["ignore"], data=data,
                                        loss_fn=loss_fn, verify=c["verify"], layers=c["layers"])
         except ValueError as e:
             raise ValueError(f"pruning config: {e}") from None
@@ -497,7 +539,7 @@ class TrainingPruner:
             raise ValueError(f"pruning config: no prunable group matches 'layers' = {c['layers']}; "
                              "list source module names (see pk.analyze(model, x).log_groups())")
         log.info("TrainingPruner: %d group(s) eligible; MAC target %.3f between epochs %d and %d",
-                 len(groups), c["mac_target"], c["start_epoch"], c["end_epoch"])
+                 len(groups), c["target"], c["start_epoch"], c["end_epoch"])
         self.regularizer = R.from_config(c["regularization"], self.graph, self.module, [g.id for g in groups])
         self.base_macs = self.pruner.base_macs
         self.optimizer = optimizer
@@ -522,8 +564,8 @@ class TrainingPruner:
         k = sum(1 for e in eps if e <= epoch)
         frac = k / len(eps)
         if c["schedule"] == "full":
-            return max(c["mac_target"], 1.0 - frac)
-        return 1.0 - frac * (1.0 - c["mac_target"])
+            return max(c["target"], 1.0 - frac)
+        return 1.0 - frac * (1.0 - c["target"])
 
     def macs_fraction(self) -> float:
         """Fraction of the original MACs kept now (masked units count as removed)."""
@@ -564,8 +606,8 @@ class TrainingPruner:
             try:
                 plan = self.pruner.plan(1.0 - goal)
             except ValueError as e:
-                raise ValueError(f"pruning config: epoch {epoch}: {e} (see 'mac_target', 'max_pruning_rate', "
-                                 "'layers', 'block_size')") from None
+                raise ValueError(f"pruning config: epoch {epoch}: {e} (see 'target' (mac_target), "
+                                 "'max_ratio' (max_pruning_rate), 'layers', 'round_to' (block_size))") from None
             plan = broadcast_object(plan)
             already = masked_units(self.module, self.graph)
             add = {}
@@ -583,8 +625,8 @@ class TrainingPruner:
         self.last_epoch = epoch
         entry = {"epoch": epoch, "goal": goal, "macs_fraction": after, "units_masked": new_units, "pruned": False}
         log.info("epoch %d: masked %d more unit(s); MACs kept %.4f (schedule %.4f, target %.4f)", epoch, new_units,
-                 after, goal, c["mac_target"])
-        if epoch >= c["end_epoch"] or after <= c["mac_target"] + 1e-9:
+                 after, goal, c["target"])
+        if epoch >= c["end_epoch"] or after <= c["target"] + 1e-9:
             self.finalize()
             entry["pruned"] = True
             entry["macs_fraction"] = self.macs_fraction()
@@ -663,13 +705,12 @@ class TrainingPruner:
         opt = optimizer or self.optimizer
         ck = {"model": self.module.state_dict(), "pruner": self.state_dict(),
               "optimizer": opt.state_dict() if opt is not None else None, "extra": extra}
-        with atomic_path(Path(path)) as tmp:
-            torch.save(ck, tmp)
+        write_torch(path, ck)
 
     def load_checkpoint(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> dict:
         """Resume from :meth:`save_checkpoint`: architecture (pruning record), weights, masks, schedule and
         optimizer state.  Works on a freshly built original model.  Returns the ``extra`` entries."""
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = read_torch(path)
         opt = optimizer or self.optimizer
         if opt is not None and opt is not self.optimizer:
             self.attach_optimizer(opt)

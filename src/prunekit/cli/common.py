@@ -6,6 +6,8 @@ import sys
 import time
 from typing import Iterator
 
+from ..cost.count import human  # the one number formatter (cli reports use it from here)
+
 USAGE = 2  # exit code for a wrong command line / config file / model form (argparse uses 2 as well)
 FAILURE = 1  # exit code for a run that could not be done (model failed to load, target unreachable, ...)
 
@@ -47,14 +49,6 @@ class Steps:
         self.times[key] = round(dt, 3)
         if self.console is not None:
             self.console.print(f"[green]\u2713[/green] {label} [dim]({dt:.2f} s)[/dim]", highlight=False)
-
-
-def human(n: float, unit: str = "") -> str:
-    """``1234567`` -> ``1.23 M``: three significant decimals with a K/M/G/T suffix."""
-    for suffix, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f} {suffix}{unit}"
-    return (f"{int(n)}" if float(n).is_integer() else f"{n:.3f}") + (f" {unit}" if unit else "")
 
 
 def before_after(label: str, before: float, after: float, fmt=human, width: int = 8) -> str:

@@ -107,11 +107,18 @@ class Stats:
         return self.table(top=20)
 
 
-def _human(n: float) -> str:
-    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+def human(n: float, unit: str = "", sep: str = " ") -> str:
+    """``1234567`` -> ``1.23 M``: two decimals with a K/M/G/T suffix (``sep`` between number and suffix/unit);
+    the one number formatter of the tables, reports and the CLI."""
+    for suffix, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(int(n)) if float(n).is_integer() else f"{n:.2f}"
+            return f"{n / div:.2f}{sep}{suffix}{unit}"
+    return (f"{int(n)}" if float(n).is_integer() else f"{n:.3f}") + (f"{sep}{unit}" if unit else "")
+
+
+def _human(n: float) -> str:
+    """Compact form for tables: ``1.23M``."""
+    return human(n, sep="")
 
 
 def count(model: Any, example_inputs: Any = None, forward_fn: Callable | None = None, *,

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Union
 import torch
 from torch import nn
 
-from ..surgery import RECORD_ATTR, PruningError, replay_record
+from ..surgery import MASKS_ATTR as _MASKS_ATTR, RECORD_ATTR, PruningError, replay_record
 
 log = logging.getLogger("prunekit.io")
 
@@ -32,7 +32,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 FORMAT = "prunekit.checkpoint"
 FORMAT_VERSION = 1
 _TORCH_SUFFIXES = (".pt", ".pth")
-_MASKS_ATTR = "_prunekit_masks"
 
 
 class CheckpointError(ValueError):

@@ -109,3 +109,26 @@ def as_target(t: Any) -> Target:
         return kinds[t[0]](t[1])
     raise TypeError(f"target must be a float channel ratio or a Target (ChannelRatio, FlopsTarget, ParamsTarget, "
                     f"LatencyTarget), got {type(t).__name__}")
+
+
+def deprecated(old: str, new: str, stacklevel: int = 3) -> None:
+    """Warn that ``old`` (an argument, config key or class spelling) is deprecated in favour of ``new``."""
+    import warnings
+    warnings.warn(f"{old} is deprecated; use {new}", DeprecationWarning, stacklevel=stacklevel)
+
+
+def keep_target(t: Any, owner: str, kinds: tuple[str, ...] = ("flops", "params", "latency")) -> Target:
+    """``t`` as a Target of one of ``kinds`` (a bare float is NOT accepted here: the caller decides what an
+    old float spelling meant); a Target of another kind raises a TypeError naming what ``owner`` supports."""
+    if isinstance(t, (tuple, list)) and len(t) == 2 and isinstance(t[0], str):
+        t = as_target(t)
+    if not isinstance(t, Target):
+        raise TypeError(f"{owner}: target must be a Target ({_names(kinds)}), got {type(t).__name__} {t!r}")
+    if t.kind not in kinds:
+        raise TypeError(f"{owner} does not support {type(t).__name__} targets; use {_names(kinds)}")
+    return t
+
+
+def _names(kinds: tuple[str, ...]) -> str:
+    n = {"channels": "ChannelRatio", "flops": "FlopsTarget", "params": "ParamsTarget", "latency": "LatencyTarget"}
+    return ", ".join(f"pk.{n[k]}(...)" for k in kinds)

@@ -315,7 +315,8 @@ def _append_record(model: nn.Module, graph, plan: dict[int, torch.Tensor], undo:
 
 
 # ---------------------------------------------------------------- soft pruning
-_MASKS = "_prunekit_masks"
+MASKS_ATTR = "_prunekit_masks"  # where pk.mask keeps its masks on the model (io and training read it)
+_MASKS = MASKS_ATTR
 
 
 def mask(model: nn.Module, graph, plan: Plan) -> nn.Module:

@@ -5,7 +5,7 @@
     model, history = pk.prune_iteratively(pruner, schedule, finetune_fn, eval_fn, workdir="run")
 """
 from .base import AGP, SCHEDULES, Geometric, Linear, LotteryTicket, OneShot, Schedule, get_schedule
-from .iterative import ResumeError, model_fingerprint, prune_iteratively
+from .iterative import IterativeResult, ResumeError, model_fingerprint, prune_iteratively
 
-__all__ = ["AGP", "Geometric", "Linear", "LotteryTicket", "OneShot", "ResumeError", "SCHEDULES", "Schedule",
+__all__ = ["AGP", "Geometric", "IterativeResult", "Linear", "LotteryTicket", "OneShot", "ResumeError", "SCHEDULES", "Schedule",
            "get_schedule", "model_fingerprint", "prune_iteratively"]

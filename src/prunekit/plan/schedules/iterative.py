@@ -27,16 +27,15 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import torch
 from torch import nn
 
 from ..._callbacks import callback as _callback
-from ...io.checkpoint import (CheckpointError, _replayed_shapes, atomic_path, canonical_json as _canon, check_state,
-                             model_fingerprint, model_shapes as _model_shapes, read_checkpoint, save,
-                             write_json as _write_json)
-from ...surgery import RECORD_ATTR, replay_record, slice_state_dict
+from ...io.checkpoint import canonical_json as _canon, check_state, model_fingerprint
+from ...runs.workdir import ResumeError, Workdir, model_info
+from ...surgery import RECORD_ATTR, slice_state_dict
 from .base import LotteryTicket, Schedule, get_schedule
 
 log = logging.getLogger("prunekit.schedules")
@@ -45,11 +44,19 @@ STATE_FILE = "state.json"
 FORMAT = "prunekit.iterative"
 FORMAT_VERSION = 1
 
-__all__ = ["ResumeError", "model_fingerprint", "prune_iteratively"]
+__all__ = ["IterativeResult", "ResumeError", "model_fingerprint", "prune_iteratively"]
 
 
-class ResumeError(ValueError):
-    """A workdir's saved run does not fit this call (other model, settings or an already pruned model)."""
+class IterativeResult(NamedTuple):
+    """What :func:`prune_iteratively` returns; unpacks as ``model, history = ...`` as before."""
+
+    model: nn.Module
+    history: list[dict]  # one entry per step (see prune_iteratively)
+
+
+def _workdir(path: Path) -> Workdir:
+    return Workdir(path, FORMAT, version=FORMAT_VERSION, what="a prunekit iterative-pruning", error=ResumeError,
+                   state_file=STATE_FILE)
 
 
 # ---------------------------------------------------------------- helpers
@@ -59,17 +66,13 @@ def _snapshot(model: nn.Module) -> dict[str, Any]:
             "record_len": len(getattr(model, RECORD_ATTR, None) or [])}
 
 
-def _save_snapshot(path: Path, snap: Mapping[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"state": dict(snap["state"]), "record_len": int(snap["record_len"])}, tmp)
+def _save_snapshot(wd: Workdir, name: str, snap: Mapping[str, Any]) -> None:
+    wd.write_torch(name, {"state": dict(snap["state"]), "record_len": int(snap["record_len"])})
 
 
-def _load_snapshot(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ResumeError(f"{path}: the weights for lottery-ticket rewinding are missing from the workdir; "
-                          "the workdir is incomplete: start over with resume=False or use another workdir")
-    with open(path, "rb") as f:
-        obj = torch.load(f, map_location="cpu", weights_only=True)
+def _load_snapshot(wd: Workdir, name: str) -> dict[str, Any]:
+    obj = wd.read_torch(name, "the weights for lottery-ticket rewinding are missing from the workdir; the workdir "
+                              "is incomplete: start over with resume=False or use another workdir")
     return {"state": obj["state"], "record_len": int(obj["record_len"])}
 
 
@@ -144,57 +147,27 @@ def _progress_bar(enabled: bool, total: int, done: int, desc: str) -> Iterator[C
 
 # ---------------------------------------------------------------- resume
 def _check_resume(state: Mapping[str, Any], config: Mapping[str, Any], model: nn.Module,
-                  start_record: list, wd: Path) -> None:
-    if state.get("format") != FORMAT:
-        raise ResumeError(f"{wd / STATE_FILE}: not a prunekit iterative-pruning state (format "
-                          f"{state.get('format')!r}); use another workdir")
-    if int(state.get("format_version", 0)) > FORMAT_VERSION:
-        raise ResumeError(f"{wd / STATE_FILE}: written by a newer prunekit; upgrade prunekit to resume it")
-    diffs = [f"{k}: saved {state['config'].get(k)!r}, now {v!r}" for k, v in config.items()
-             if _canon(state["config"].get(k)) != _canon(v)]
-    if diffs:
-        raise ResumeError(f"{wd}: the saved run used other settings ({'; '.join(diffs)}). Pass the same "
-                          "schedule, steps, target and pruner settings to resume, or resume=False to start over, "
-                          "or another workdir.")
+                  start_record: list, wd: Workdir) -> None:
+    wd.check_config(state["config"], config, "Pass the same schedule, steps, target and pruner settings to resume, "
+                    "or resume=False to start over, or another workdir.")
     saved = state["model"]
     if _canon(start_record) != _canon(saved["start_record"]):
         n_now, n_then = len(start_record), len(saved["start_record"])
         raise ResumeError(
-            f"{wd}: pruner.model is already pruned ({n_now} pruning step(s) recorded; the saved run started from "
-            f"{n_then}). Resuming replays the saved checkpoint on a freshly built original model: build the model "
-            "again (same architecture, config and starting weights) and pass it to a new Pruner.")
-    if model_fingerprint(model) != saved["fingerprint"]:
-        now, then = _model_shapes(model), saved["shapes"]
-        diff = [f"{k}: saved {then[k]}, now {now[k]}" for k in then if k in now and now[k] != then[k]][:3]
-        diff += [f"{k} missing" for k in then if k not in now][:2]
-        diff += [f"{k} unexpected" for k in now if k not in then][:2]
-        if saved["class"] != type(model).__qualname__:
-            diff.insert(0, f"class: saved {saved['class']}, now {type(model).__qualname__}")
-        raise ResumeError(f"{wd}: pruner.model is not the model this run was started with ({'; '.join(diff)}). "
-                          "Build the same architecture and config, or use another workdir (or resume=False).")
+            f"{wd.path}: pruner.model is already pruned ({n_now} pruning step(s) recorded; the saved run started "
+            f"from {n_then}). Resuming replays the saved checkpoint on a freshly built original model: build the "
+            "model again (same architecture, config and starting weights) and pass it to a new Pruner.")
+    wd.check_model(saved, model, "pruner.model is not the model this run was started with",
+                   "Build the same architecture and config, or use another workdir (or resume=False).")
 
 
-def _restore(pruner: Any, path: Path, start_len: int) -> None:
-    """Rebuild the pruned model from checkpoint ``path`` on ``pruner.model`` (checked before anything changes)."""
-    model = pruner.model
-    try:
-        ckpt = read_checkpoint(path)
-        if ckpt.record is None or len(ckpt.record) < start_len:
-            raise CheckpointError(f"{path}: no pruning record beyond the starting model's")
-        new = ckpt.record[start_len:]
-        expected = _replayed_shapes(model, new, str(path))
-        check_state(str(path), expected, ckpt.state_dict, strict=True)
-    except CheckpointError as e:
-        raise ResumeError(f"cannot resume from {path}: {e}") from e
-    replay_record(model, new)
-    model.load_state_dict(ckpt.state_dict)
+def _restore(pruner: Any, wd: Workdir, name: str, start_len: int) -> None:
+    """Rebuild the pruned model from checkpoint ``name`` on ``pruner.model`` (checked before anything changes)."""
+    wd.restore(pruner.model, name, start_len)
     pruner.invalidate()  # the cached analysis describes the unpruned model
 
 
-def _clear(wd: Path) -> None:
-    for pattern in ("step_*.safetensors", "step_*.pt", "rewind_*.pt", STATE_FILE):
-        for p in wd.glob(pattern):
-            p.unlink()
+_RUN_FILES = ("step_*.safetensors", "step_*.pt", "rewind_*.pt")
 
 
 # ---------------------------------------------------------------- main loop
@@ -202,8 +175,9 @@ def prune_iteratively(pruner: Any, schedule: Schedule | str = "linear", finetune
                       eval_fn: Callable | None = None, *, steps: int | None = None,
                       workdir: str | Path | None = None, callback: Callable | None = None, progress: bool = True,
                       resume: bool = True, seed: int | None = None,
-                      rewind_state: Mapping[str, torch.Tensor] | None = None) -> tuple[nn.Module, list[dict]]:
-    """Prune ``pruner.model`` to ``pruner.target`` in steps along ``schedule``; return ``(model, history)``.
+                      rewind_state: Mapping[str, torch.Tensor] | None = None) -> IterativeResult:
+    """Prune ``pruner.model`` to ``pruner.target`` in steps along ``schedule``; return an
+    :class:`IterativeResult` ``(model, history)``.
 
     Args:
         pruner: a :class:`prunekit.Pruner`; its target's ``sparsity`` is the schedule's final sparsity.
@@ -248,22 +222,18 @@ def prune_iteratively(pruner: Any, schedule: Schedule | str = "linear", finetune
     config = {"schedule": {"name": schedule.name, **{k: v for k, v in schedule.params().items() if k != "steps"}},
               "steps": n, "sparsities": sparsities, "target": _target_info(target), "pruner": _pruner_info(pruner),
               "seed": seed}
-    start_record = json.loads(json.dumps(getattr(model, RECORD_ATTR, None) or []))
-    wd = Path(workdir) if workdir is not None else None
+    start_record = Workdir.record(model)
+    wd = _workdir(Path(workdir)) if workdir is not None else None
     history: list[dict] = []
     done = 0
     snaps: dict[str, dict] = {}
     state: dict[str, Any] | None = None
-    if wd is not None and (wd / STATE_FILE).is_file():
+    if wd is not None and wd.has_state():
         if resume:
-            try:
-                state = json.loads((wd / STATE_FILE).read_text())
-            except ValueError as e:
-                raise ResumeError(f"{wd / STATE_FILE} is not valid JSON ({e}); the workdir is corrupt: "
-                                  "resume=False starts over") from None
+            state = wd.read_state(corrupt_fix="resume=False starts over")
         else:
-            log.warning("prune_iteratively: resume=False, discarding the run saved in %s", wd)
-            _clear(wd)
+            log.warning("prune_iteratively: resume=False, discarding the run saved in %s", wd.path)
+            wd.clear(_RUN_FILES)
 
     if state is not None:
         _check_resume(state, config, model, start_record, wd)
@@ -272,13 +242,13 @@ def prune_iteratively(pruner: Any, schedule: Schedule | str = "linear", finetune
         if state.get("base_latency") is not None:
             pruner._base_latency = float(state["base_latency"])  # measured on the original model
         if done:
-            _restore(pruner, wd / state["checkpoint"], len(start_record))
+            _restore(pruner, wd, state["checkpoint"], len(start_record))
         pruner.history.extend(state["pruner_history"])
         if rewind == "init":
-            snaps["init"] = _load_snapshot(wd / "rewind_init.pt")
+            snaps["init"] = _load_snapshot(wd, "rewind_init.pt")
         if rewind == "early" and done >= schedule.rewind_step:
-            snaps["early"] = _load_snapshot(wd / "rewind_early.pt")
-        log.info("prune_iteratively: resuming %s after step %d of %d", wd, done, n)
+            snaps["early"] = _load_snapshot(wd, "rewind_early.pt")
+        log.info("prune_iteratively: resuming %s after step %d of %d", wd.path, done, n)
     else:
         if target.kind == "latency":
             _ = pruner.base_latency  # measure the baseline before the model changes
@@ -290,19 +260,17 @@ def prune_iteratively(pruner: Any, schedule: Schedule | str = "linear", finetune
                 snaps["init"] = {"state": {k: v.detach().clone() for k, v in rewind_state.items()},
                                  "record_len": len(start_record)}
         if wd is not None:
-            wd.mkdir(parents=True, exist_ok=True)
+            wd.mkdir()
             if rewind == "init":
-                _save_snapshot(wd / "rewind_init.pt", snaps["init"])
-            state = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config,
-                     "model": {"class": type(model).__qualname__, "fingerprint": model_fingerprint(model),
-                               "shapes": _model_shapes(model), "start_record": start_record},
-                     "base_latency": pruner._base_latency if target.kind == "latency" else None,
-                     "done": 0, "checkpoint": None, "history": [], "pruner_history": []}
-            _write_json(wd / STATE_FILE, state)
+                _save_snapshot(wd, "rewind_init.pt", snaps["init"])
+            state = wd.new_state(config=config, model=model_info(model, shapes=True, start_record=start_record),
+                                 base_latency=pruner._base_latency if target.kind == "latency" else None,
+                                 done=0, checkpoint=None, history=[], pruner_history=[])
+            wd.write_state(state)
 
     if done >= n:
-        log.info("prune_iteratively: all %d steps already done in %s", n, wd)
-        return model, [dict(e) for e in history]
+        log.info("prune_iteratively: all %d steps already done in %s", n, wd.path)
+        return IterativeResult(model, [dict(e) for e in history])
 
     desc = f"{schedule.name} pruning"
     with _progress_bar(progress, n, done, desc) as advance:
@@ -321,7 +289,7 @@ def prune_iteratively(pruner: Any, schedule: Schedule | str = "linear", finetune
             if rewind == "early" and t == schedule.rewind_step:
                 snaps["early"] = _snapshot(model)
                 if wd is not None:
-                    _save_snapshot(wd / "rewind_early.pt", snaps["early"])
+                    _save_snapshot(wd, "rewind_early.pt", snaps["early"])
             metric = _metric(evaluate(model)) if evaluate is not None else None
             macs, params = int(p_entry["macs"]), int(p_entry["params"])
             entry = {"step": t, "sparsity": s, "macs": macs, "params": params,
@@ -329,17 +297,16 @@ def prune_iteratively(pruner: Any, schedule: Schedule | str = "linear", finetune
                      "units_removed": int(p_entry["units_removed"]), "groups_pruned": int(p_entry["groups_pruned"]),
                      "rewound": snap is not None, "metric": metric, "seconds": time.perf_counter() - t0}
             if wd is not None:
-                path = save(model, wd / f"step_{t}.safetensors", extra={"step": t, "sparsity": s})
-                entry["checkpoint"] = path.name
+                entry["checkpoint"] = wd.save_checkpoint(model, f"step_{t}.safetensors", {"step": t, "sparsity": s})
             history.append(entry)
             if wd is not None:
-                state.update(done=t, checkpoint=path.name, history=history,
+                state.update(done=t, checkpoint=entry["checkpoint"], history=history,
                              pruner_history=json.loads(json.dumps(pruner.history[-t:])))
-                _write_json(wd / STATE_FILE, state)
+                wd.commit(state, checkpoint=entry["checkpoint"])
             log.info("prune_iteratively step %d/%d: sparsity %.4f, MACs %.4g (%.1f%%), params %.4g, metric %s, %.2fs",
                      t, n, s, macs, 100 * entry["macs_ratio"], params, metric, entry["seconds"])
             advance(f"s={s:.3f}")
             if on_step is not None and on_step(dict(entry)) is False:
                 log.info("prune_iteratively: callback stopped the run after step %d of %d", t, n)
                 break
-    return model, [dict(e) for e in history]
+    return IterativeResult(model, [dict(e) for e in history])
