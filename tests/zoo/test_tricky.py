@@ -239,14 +239,7 @@ def test_pruned_runs_on_other_batch_size(name):
             assert_close_outputs(call(masked, x5), out5)
 
 
-# its checkpoint's safetensors header length starts with byte 0x80, which pk.load takes for a pickle (issue 11,
-# "Files"; the fix of io/checkpoint.py _sniff is not on this branch)
-_SNIFFED_AS_PICKLE = {"channels_last_mlp"}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
-    strict=True, reason="pk.load reads the safetensors file as a pickle (header length starts with 0x80)"))
-    if n in _SNIFFED_AS_PICKLE else n for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_state_dict_roundtrip(name):
     original, model, graph, plan, x, ref = pruned(name)
     # through a FRESH model: the original architecture built again, resized from the saved pruning record

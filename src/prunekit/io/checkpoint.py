@@ -244,10 +244,12 @@ def save(model: nn.Module, path: PathLike, *, extra: dict | None = None) -> Path
 def _sniff(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(9)
+        size = f.seek(0, os.SEEK_END)
+    # safetensors first: an 8-byte little-endian header length (any first byte, 0x80 included) then JSON
+    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return "safetensors"
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         return "torch"
-    if len(head) == 9 and head[8:9] == b"{":
-        return "safetensors"
     raise CheckpointError(f"{path}: not a safetensors or torch.save file (it starts with {head!r}); the file is "
                           "truncated or corrupt, or in another format: save it again with prunekit.save()")
 
