@@ -130,8 +130,7 @@ def _hf(rest: str, shape):
         from transformers import AutoConfig, AutoModel
     except ImportError:
         raise CLIError("hf: models need the transformers package: pip install 'prunekit[hf]'", FAILURE) from None
-    from transformers.utils import is_torch_available
-    if not is_torch_available():  # transformers 5 disables its PyTorch models on torch < 2.6
+    if not _transformers_can_use_torch():  # transformers 5 disables its PyTorch models on torch < 2.6
         import transformers
         raise CLIError(f"hf: transformers {transformers.__version__} cannot use torch {torch.__version__} (it disables "
                        "its PyTorch models); install a transformers release that supports this torch "
@@ -226,3 +225,9 @@ def list_models(pattern: str | None) -> dict[str, list[str]]:
     except ImportError:
         pass
     return found
+
+
+def _transformers_can_use_torch() -> bool:
+    """Whether the installed transformers enables its PyTorch models with the installed torch."""
+    from transformers.utils import is_torch_available
+    return bool(is_torch_available())
