@@ -235,9 +235,10 @@ def test_group_slices_use_the_same_check(cnn):
 def test_hf_model_with_a_transformers_that_cannot_use_this_torch(monkeypatch):
     """transformers 5 on torch < 2.6 imports but disables its PyTorch models: the CLI says so."""
     transformers = pytest.importorskip("transformers")
-    import transformers.utils
+    from prunekit.cli import models
     from prunekit.cli.common import CLIError
     from prunekit.cli.models import load_model
-    monkeypatch.setattr(transformers.utils, "is_torch_available", lambda: False)
+    # patch prunekit's probe, not transformers (whose lazy imports would cache a torch-less module)
+    monkeypatch.setattr(models, "_transformers_uses_torch", lambda: False)
     with pytest.raises(CLIError, match=rf"transformers {re.escape(transformers.__version__)} cannot use torch"):
         load_model("hf:llama", None)

@@ -125,13 +125,17 @@ def _torchvision(name: str, shape):
     return model, _image_input(shape)
 
 
+def _transformers_uses_torch() -> bool:
+    from transformers.utils import is_torch_available
+    return bool(is_torch_available())
+
+
 def _hf(rest: str, shape):
     try:
         from transformers import AutoConfig, AutoModel
     except ImportError:
         raise CLIError("hf: models need the transformers package: pip install 'prunekit[hf]'", FAILURE) from None
-    from transformers.utils import is_torch_available
-    if not is_torch_available():  # transformers 5 disables its PyTorch models on torch < 2.6
+    if not _transformers_uses_torch():  # transformers 5 disables its PyTorch models on torch < 2.6
         import transformers
         raise CLIError(f"hf: transformers {transformers.__version__} cannot use torch {torch.__version__} (it disables "
                        "its PyTorch models); install a transformers release that supports this torch "
