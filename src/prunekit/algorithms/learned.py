@@ -9,9 +9,9 @@ closed, a contribution that vanishes at removal.  For head units the gate repeat
 
 Training adds three losses to the task loss::
 
-    lp = pk.LearnedPruner(model, x, pk.FlopsTarget(0.5), num_steps=10_000)
+    lp = pk.LearnedPruner(model, x, pk.FlopsTarget(0.5), num_steps=2_000)
     lp.prepare()
-    opt = torch.optim.Adam([*model.parameters(), *lp.parameters()], lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)   # any optimizer: the gates have their own
     for step, (x, y) in enumerate(data):
         out = model(x)
         proportion, flops_loss, entropy_loss, distill_loss = lp.losses(step)  # a GateLosses named tuple
@@ -30,13 +30,32 @@ Training adds three losses to the task loss::
   the model, differentiable with respect to the logits.
 * ``flops_loss = flops_weight * (relu(p - target) + symmetric * |p - target|)``: above the target the
   slope is ``1 + symmetric``; below it a small pull (``symmetric``, default 0.1) brings the proportion
-  back up, so the model does not end far under the target it was asked for.
+  back up.  While the schedule holds the proportion above the target its gradient presses on every gate
+  in proportion to the MACs of its unit, so expensive units are the first to go.
 * ``entropy_loss = w(step) * mean(H(sigmoid(logit))) / log 2`` with the binary entropy ``H``; its weight
   grows linearly from 0 to ``entropy_weight`` at ``num_steps``, driving the gates to 0 or 1 so the
   expected proportion becomes the deterministic one.
 * ``distill_loss = distill_weight * MSE(student outputs, teacher outputs)`` on the model's final float
   outputs; the teacher is a frozen copy of the model taken at :meth:`prepare`, run on the inputs of
   the student's last forward in the same train/eval mode.  With ``distill_weight=0`` no copy is made.
+
+Reaching the target within ``num_steps``, whatever the optimizer:
+
+* the gate logits are updated by the pruner itself (``gate_lr``, default 0.1): their gradient is taken
+  when backward has accumulated it and cleared, so an optimizer the logits were also given to leaves them
+  alone; the update is applied before the next forward (or :meth:`~LearnedPruner.finalize`).  It is
+  Adam-like with one second moment shared by all gates, so gates whose gradients differ (the cost of
+  their unit, its importance to the task) move by different amounts.  ``gate_lr=None``: the gates are
+  trained by the optimizer they are given to, as any parameter;
+* before every training forward all logits are shifted by one common amount (:meth:`~LearnedPruner.project`)
+  so that the proportion follows a schedule: from the initial gates' proportion down to the target over
+  the first ``ramp`` fraction of ``num_steps`` (default half), then the target.  The expected proportion
+  is held during the ramp; after it the deterministic one takes over, and by ``num_steps`` the hard gates
+  keep at most the target of the MACs, as close to it as the units allow.  Learning decides
+  which units stay (the logits relative to each other), the shift how many;
+* over the same second part the training forward moves from the relaxed gates to the deterministic ones
+  (their value, with the relaxed gates' gradient), so that the last steps train the model that
+  :meth:`~LearnedPruner.finalize` makes (batch-norm statistics included).
 
 The losses returned by :meth:`LearnedPruner.losses` already include their weights: add them as they
 are.  The temperature a forward uses is the one of the last ``global_step`` given to :meth:`losses`
@@ -55,6 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._callbacks import callback
 from ..capture.tape import flatten_outputs
 from ..graph import PruneGraph, analyze, source_dim
 from ..plan.importance.base import is_norm, module_and_attr, unit_view
@@ -155,7 +175,8 @@ class LearnedPruner:
         example_inputs: what ``model`` is called with (tensor, tuple or dict), for analysis and verification.
         target: ``pk.FlopsTarget(r)``, ``r`` the fraction of the baseline MACs to keep, in (0, 1).  The
             deprecated spellings ``target_flops_ratio=r`` and a bare float ``r`` in this place still work.
-        num_steps: training steps over which the temperature and entropy weight are annealed.
+        num_steps: training steps (``global_step`` values given to :meth:`losses`) over which the target is
+            reached and the temperature and entropy weight are annealed.
         forward_fn: ``forward_fn(model, inputs)`` if the model is not called as ``model(inputs)``.
         gate_size: channels gated together (one logit each; a group whose size is not a multiple has one
             shorter trailing gate).  Head and other non-channel units: 1.  ``block_size`` is its deprecated name.
@@ -168,6 +189,14 @@ class LearnedPruner:
         init_logit: initial logit of every gate (3.0: gates start ~95% open).
         seed: seeds the gate noise (the run is deterministic given the seed and the data).
         prune_outputs, verify: passed to :func:`prunekit.analyze` / :func:`prunekit.prune`.
+        gate_lr: learning rate of the gates' own optimizer (see the module docstring); ``None``: the gates
+            are left to the optimizer you give :meth:`parameters` to.
+        ramp: fraction of ``num_steps`` over which the kept MACs are lowered to the target (0: at once).
+
+    The torch-dag names work too: ``prepare_for_pruning`` = :meth:`prepare`,
+    ``compute_current_proportion_and_pruning_losses(global_step)`` = :meth:`losses`, ``remove_channels`` =
+    :meth:`finalize`, ``compute_normalized_flops()`` = MACs of the model now / baseline MACs, and
+    :attr:`prunable_proportion`.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, target: Any = None, num_steps: int | None = None, *,
@@ -176,6 +205,7 @@ class LearnedPruner:
                  entropy_weight: float = 1.0, flops_weight: float = 3.0, distill_weight: float = 0.0,
                  symmetric: float = 0.1, temperature_start: float = 1.0, temperature_end: float = 0.1,
                  init_logit: float = 3.0, seed: int = 0, prune_outputs: bool = False, verify: bool = True,
+                 gate_lr: float | None = 0.1, ramp: float = 0.5,
                  target_flops_ratio: float | None = None, block_size: int | None = None):
         owner = type(self).__name__
         if target_flops_ratio is not None:
@@ -225,6 +255,19 @@ class LearnedPruner:
                         ("distill_weight", distill_weight), ("symmetric", symmetric)):
             if float(w) < 0:
                 raise ValueError(f"{name} must be >= 0, got {w!r}")
+        if gate_lr is not None and not float(gate_lr) > 0:
+            raise ValueError(f"gate_lr must be > 0 (or None: the gates are trained by your optimizer), got {gate_lr!r}")
+        if not 0.0 <= float(ramp) <= 1.0:
+            raise ValueError(f"ramp is the fraction of num_steps over which the FLOPs kept are lowered to "
+                             f"target_flops_ratio and must be in [0, 1], got {ramp!r}")
+        callback(forward_fn, "forward_fn", type(self).__name__, ("model", "inputs"), required=2, positional=True)
+        self.gate_lr = None if gate_lr is None else float(gate_lr)
+        self.ramp = float(ramp)
+        self._p0 = 1.0  # expected proportion of the initial gates (set by prepare)
+        self._pending: dict[int, torch.Tensor] = {}  # gradients the gates' own optimizer has yet to apply
+        self._moments: dict[int, torch.Tensor] = {}  # its first moment per gate, and the shared second moment:
+        self._second, self._updates = 0.0, 0      # the gates' relative gradient sizes are kept (see _apply_gate_step)
+        self._versions: tuple[int, ...] | None = None  # logit versions after the last projection
         self.model = model
         self.example_inputs = example_inputs
         self.forward_fn = forward_fn
@@ -292,7 +335,7 @@ class LearnedPruner:
     def prepare(self) -> nn.Module:
         """Create the gate logits, insert the gates (forward hooks) and, for distillation, copy the teacher."""
         if self.prepared:
-            raise RuntimeError("prepare() was already called on this LearnedPruning")
+            raise RuntimeError("prepare() was already called on this " + type(self).__name__)
         if not self.groups:
             raise ValueError("no prunable group can be gated (all pinned, ignored or without a conv/linear source); "
                              "check pk.analyze(model, x).summary() and the ignore patterns")
@@ -344,6 +387,11 @@ class LearnedPruner:
                 else:  # a second member of the same group in this weight (e.g. q, k and v rows of one qkv)
                     site.entries[prev] = (g.id, _channel_map(m, site.channels, site.entries[prev][1]))
         self.sites = list(sites.values())
+        with torch.no_grad():
+            self._p0 = self._proportion_at(self._flat_logits(), 0.0, 0.0)
+        if self.gate_lr is not None:
+            for gid, g in self.gates.items():
+                self._handles.append(g.logit.register_post_accumulate_grad_hook(self._take_grad(gid)))
         for site in self.sites:
             self._handles.append(site.module.register_forward_hook(self._make_hook(site)))
         self._handles.append(self.model.register_forward_pre_hook(self._on_call, with_kwargs=True))
@@ -357,6 +405,11 @@ class LearnedPruner:
 
     def _on_call(self, module, args, kwargs):
         self._sample = {}  # one gate sample per unit per forward, shared by every layer of the group
+        if module.training and torch.is_grad_enabled():
+            self._apply_gate_step()
+            self.project()
+        else:
+            self._sync()
         if self.teacher is not None:
             self._last_call = (args, kwargs)
 
@@ -381,6 +434,43 @@ class LearnedPruner:
             return out * gate.to(out.device, out.dtype).reshape(shape)
         return hook
 
+    def _take_grad(self, gid: int):
+        def hook(logit: torch.Tensor) -> None:
+            """Take the gate's gradient as soon as backward accumulated it, and clear it: an optimizer the logits
+            were also given to leaves them alone, and the gates move at ``gate_lr`` whatever the user's optimizer."""
+            if logit.grad is not None:
+                grad = logit.grad.detach()
+                self._pending[gid] = grad.clone() if gid not in self._pending else self._pending[gid] + grad
+                logit.grad = None
+        return hook
+
+    def _apply_gate_step(self) -> bool:
+        """One update of the gate logits from the pending gradients (of one or more backward passes).
+
+        Adam-like, with one second moment shared by all gates (the mean square of their gradients): the step
+        is normalised as a whole, so the optimizer is scale-free, but a gate whose gradient is twice another's
+        still moves twice as far -- the cost of a unit (the FLOPs gradient) and its importance to the task
+        are what tell the gates apart.  Steps with a non-finite gradient (a gradient scaler's skipped steps)
+        are dropped.
+        """
+        if not self._pending:
+            return False
+        pending, self._pending = self._pending, {}
+        if not all(bool(torch.isfinite(g).all()) for g in pending.values()):
+            return False
+        b1, b2 = 0.9, 0.999
+        self._updates += 1
+        sq = sum(float(g.double().pow(2).sum()) for g in pending.values()) / sum(g.numel() for g in pending.values())
+        self._second = b2 * self._second + (1 - b2) * sq
+        denom = math.sqrt(self._second / (1 - b2 ** self._updates)) + 1e-12
+        with torch.no_grad():
+            for gid, grad in pending.items():
+                m = self._moments.get(gid)
+                m = (1 - b1) * grad if m is None else b1 * m + (1 - b1) * grad
+                self._moments[gid] = m
+                self.gates[gid].logit.sub_(self.gate_lr * (m / (1 - b1 ** self._updates)) / denom)
+        return True
+
     # ------------------------------------------------------------------ gates
     def temperature(self, step: int | None = None) -> float:
         """Relaxation temperature at ``step`` (default: the current step), geometric from start to end."""
@@ -401,19 +491,25 @@ class LearnedPruner:
                 u = torch.rand(logit.shape, generator=self._gen, device=logit.device,
                                dtype=logit.dtype).clamp(1e-6, 1 - 1e-6)
                 blocks = torch.sigmoid((logit + torch.log(u) - torch.log1p(-u)) / self.temperature())
+                h = self._hardness() if self._versions is not None else 0.0
+                if h > 0:  # towards the end the forward sees the deterministic gates (straight-through gradient)
+                    blocks = blocks + h * (gate.hard().to(blocks.dtype) - blocks).detach()
             else:
                 blocks = gate.hard().to(gate.logit.dtype)
             self._sample[gid] = blocks[gate.unit_block]
         return self._sample[gid]
 
     def parameters(self) -> Iterator[nn.Parameter]:
-        """The gate logits (give them to the optimizer, e.g. with their own learning rate)."""
+        """The gate logits.  With ``gate_lr`` set (the default) the pruner updates them itself and an optimizer
+        given them too leaves them alone; with ``gate_lr=None`` give them to your optimizer."""
         if not self.prepared:
             raise RuntimeError("call prepare() first: the gate logits are created there")
         return iter([g.logit for g in self.gates.values()])
 
     def to(self, device: torch.device | str) -> "LearnedPruner":
         """Move the gates (and the teacher) to ``device`` after moving the model (before building the optimizer)."""
+        self._apply_gate_step()
+        self._moments = {gid: m.to(device) for gid, m in self._moments.items()}
         for g in self.gates.values():
             g.logit.data = g.logit.data.to(device)
             g.block_len, g.unit_block = g.block_len.to(device), g.unit_block.to(device)
@@ -435,8 +531,10 @@ class LearnedPruner:
         """``GateLosses(proportion, flops_loss, entropy_loss, distillation_loss)`` after a forward, all scalar
         tensors (a named tuple: ``p, f, e, d = lp.losses(step)`` unpacks it).
 
-        ``proportion`` is the expected MACs kept / baseline (differentiable in the logits); the three
-        losses already carry their weights.  Also sets the step for the temperature of later forwards.
+        ``proportion`` is the expected MACs kept / baseline (differentiable in the logits) during the ramp,
+        moving to the deterministic gates' proportion by ``num_steps`` as the forward does (with the expected
+        one's gradient); at the end it is what :meth:`finalize` will reach.  The three losses already carry
+        their weights.  Also sets the step for the temperature of later forwards.
         """
         if not self.prepared or self.finalized:
             raise RuntimeError("losses() works between prepare() and finalize()")
@@ -449,15 +547,111 @@ class LearnedPruner:
             ent.append(-(pc * pc.log() + (1 - pc) * (1 - pc).log()) / math.log(2.0))
         ref = next(iter(self.gates.values())).logit
         proportion = (self.graph.macs_kept(kept) / self.base_macs).to(ref.dtype)
+        h = self._hardness() if self._versions is not None else 0.0
+        if h > 0:  # what the training forward runs: the deterministic gates' proportion, the expected one's gradient
+            proportion = proportion + h * (self.current_proportion() - proportion.detach())
         gap = proportion - self.target
         flops_loss = self.flops_weight * (F.relu(gap) + self.symmetric * gap.abs())
         ramp = min(max(self.step / self.num_steps, 0.0), 1.0)
         entropy_loss = self.entropy_weight * ramp * torch.cat(ent).mean()
         return GateLosses(proportion, flops_loss, entropy_loss, self._distill_loss(ref))
 
-    def compute_current_proportion_and_pruning_losses(self, global_step: int) -> GateLosses:
-        """The seed code's name of :meth:`losses`."""
-        return self.losses(global_step)
+    def _progress(self, step: int | None = None) -> float:
+        """Fraction of ``num_steps`` done after ``step`` (the last ``global_step`` given to :meth:`losses`)."""
+        step = self.step if step is None else step
+        return min(max((step + 1) / self.num_steps, 0.0), 1.0)
+
+    def scheduled_target(self, step: int | None = None) -> float:
+        """The FLOPs proportion the gates are held to at ``step``: the proportion of the initial gates, lowered
+        linearly to ``target_flops_ratio`` over the first ``ramp * num_steps`` steps, then ``target_flops_ratio``."""
+        t = 1.0 if self.ramp <= 0 else min(self._progress(step) / self.ramp, 1.0)
+        return self._p0 - (self._p0 - self.target) * t
+
+    def _hardness(self, step: int | None = None) -> float:
+        """Weight of the deterministic gates in the projected proportion: 0 until the ramp ends, 1 at ``num_steps``."""
+        return min(max((self._progress(step) - self.ramp) / max(1e-9, 1.0 - self.ramp), 0.0), 1.0)
+
+    def _flat_logits(self) -> dict[str, Any]:
+        """All gate logits in one float64 CPU tensor, with what :meth:`_proportion_at` needs to split it by group."""
+        gids = list(self.gates)
+        z = torch.cat([self.gates[gid].logit.detach().to("cpu", torch.float64) for gid in gids])
+        lens = torch.cat([self.gates[gid].block_len.to("cpu", torch.float64) for gid in gids])
+        index = torch.cat([torch.full((self.gates[gid].logit.numel(),), i, dtype=torch.long)
+                           for i, gid in enumerate(gids)])
+        top_len = torch.stack([self.gates[gid].block_len[int(self.gates[gid].logit.detach().argmax())].cpu().double()
+                               for gid in gids])  # the block hard() keeps when all are closed
+        return {"gids": gids, "z": z, "lens": lens, "index": index, "top_len": top_len}
+
+    def _proportion_at(self, flat: Mapping[str, Any], shift: float, hardness: float) -> float:
+        """MACs kept / baseline with every logit shifted by ``shift``: expected, hard, or a mix of the two."""
+        z, lens, index, gids = flat["z"] + shift, flat["lens"], flat["index"], flat["gids"]
+        out = 0.0
+        if hardness < 1.0:
+            soft = torch.zeros(len(gids), dtype=z.dtype).index_add_(0, index, torch.sigmoid(z) * lens)
+            out += (1.0 - hardness) * float(self.graph.macs_kept(dict(zip(gids, soft.tolist())))) / self.base_macs
+        if hardness > 0.0:
+            hard = torch.zeros(len(gids), dtype=z.dtype).index_add_(0, index, (z > 0).to(z.dtype) * lens)
+            hard = torch.where(hard > 0, hard, flat["top_len"])
+            out += hardness * float(self.graph.macs_kept(dict(zip(gids, hard.tolist())))) / self.base_macs
+        return out
+
+    def project(self, step: int | None = None) -> float:
+        """Shift every gate logit by one common amount so that the gates meet :meth:`scheduled_target`.
+
+        The proportion held to the schedule is the expected one during the ramp and moves to the deterministic
+        (hard) one by ``num_steps``: then the model :meth:`finalize` makes keeps at most ``target_flops_ratio``
+        of the MACs, as close to it as the units allow.  The gates learn which units to keep (their logits
+        relative to each other); the shift makes them keep as much as the schedule says, whatever optimizer
+        and learning rate train them.  Called before every training forward; returns the shift.
+        """
+        goal = self.scheduled_target(step)
+        hardness = self._hardness(step)
+        with torch.no_grad():
+            logits = self._flat_logits()
+            if hardness >= 1.0:
+                shift = self._hard_shift(logits, goal)
+            else:
+                top = float(logits["z"].abs().max()) + 60.0
+                lo, hi = -top, top  # everything closed: at most the target (checked in prepare); all open: ~1
+                for _ in range(32):  # largest shift whose proportion is at most the goal
+                    mid = 0.5 * (lo + hi)
+                    if self._proportion_at(logits, mid, hardness) <= goal:
+                        lo = mid
+                    else:
+                        hi = mid
+                shift = lo
+            for g in self.gates.values():
+                g.logit.add_(shift)
+        self._versions = self._logit_versions()
+        return shift
+
+    def _hard_shift(self, logits: Mapping[str, Any], goal: float) -> float:
+        """The shift for the deterministic gates: a step function of the shift, with a step where a logit crosses
+        0.  Of the flat parts whose proportion is at most ``goal``, the last; inside it, at most 1 below its
+        upper end (so one more small update does not open the next gate) and in its middle if it is narrower."""
+        edges = torch.unique(-logits["z"])  # sorted: gate i opens for shift > -z_i
+        e = edges.tolist()
+        probe = lambda k: e[0] - 1.0 if k == 0 else (e[-1] + 1.0 if k == len(e) else 0.5 * (e[k - 1] + e[k]))  # noqa: E731
+        lo, hi = 0, len(e)  # part k lies between edges k-1 and k; part 0 (everything closed) is within the goal
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._proportion_at(logits, probe(mid), 1.0) <= goal:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo == len(e):
+            return e[-1] + 1.0
+        return e[lo] - 1.0 if lo == 0 else max(0.5 * (e[lo - 1] + e[lo]), e[lo] - 1.0)
+
+    def _logit_versions(self) -> tuple[int, ...]:
+        return tuple(g.logit._version for g in self.gates.values())
+
+    def _sync(self) -> None:
+        """Apply the pending gate update; once training has projected the gates, project again after any change
+        (so an eval forward right after the last step shows the model that :meth:`finalize` makes)."""
+        self._apply_gate_step()
+        if self._versions is not None and self._versions != self._logit_versions():
+            self.project()
 
     def _distill_loss(self, ref: torch.Tensor) -> torch.Tensor:
         if self.teacher is None:
@@ -513,6 +707,7 @@ class LearnedPruner:
             raise RuntimeError("call prepare() and train before finalize()")
         if self.finalized:
             raise RuntimeError("finalize() was already called")
+        self._sync()
         plan = self.plan()
         self.remove_hooks()
         prune(self.model, self.graph, plan, verify=self.verify)
@@ -524,14 +719,19 @@ class LearnedPruner:
                  len(plan), self.base_macs, macs, 100 * self.reached, 100 * self.target)
         if self.reached > self.target + 0.05:
             log.warning("learned pruning kept %.1f%% of the MACs, above the %.1f%% target: the gates did not close "
-                        "enough (%d training steps seen). Train longer, give the gate logits a higher learning "
-                        "rate, or raise flops_weight / entropy_weight.", 100 * self.reached, 100 * self.target,
-                        self.step)
+                        "enough (%d of num_steps=%d training steps seen). Train for the num_steps you declared, or "
+                        "declare the steps you train for.", 100 * self.reached, 100 * self.target,
+                        self.step + 1 if self._versions is not None else 0, self.num_steps)
         return self.model
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "logits": {gid: g.logit.detach().clone() for gid, g in self.gates.items()}}
+        """Step, gate logits and the state of the gates' own optimizer (for resuming training)."""
+        self._apply_gate_step()
+        return {"step": self.step, "logits": {gid: g.logit.detach().clone() for gid, g in self.gates.items()},
+                "gate_optimizer": {"moments": {gid: m.clone() for gid, m in self._moments.items()},
+                                   "second": self._second, "updates": self._updates,
+                                   "projected": self._versions is not None}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not self.prepared:
@@ -544,6 +744,31 @@ class LearnedPruner:
             for gid, t in logits.items():
                 self.gates[int(gid)].logit.copy_(t)
         self.step = int(state.get("step", 0))
+        opt = state.get("gate_optimizer")
+        if opt is not None:
+            self._pending = {}
+            self._moments = {int(k): v.to(self.gates[int(k)].logit) for k, v in opt["moments"].items()}
+            self._second, self._updates = float(opt["second"]), int(opt["updates"])
+            self._versions = self._logit_versions() if opt.get("projected") else None
+
+    # ------------------------------------------------------------------ torch-dag names
+    def prepare_for_pruning(self) -> nn.Module:
+        """torch-dag's name for :meth:`prepare`."""
+        return self.prepare()
+
+    def compute_current_proportion_and_pruning_losses(self, global_step: int) -> GateLosses:
+        """torch-dag's name for :meth:`losses`: ``GateLosses(proportion, flops_loss, entropy_loss,
+        distillation_loss)``."""
+        return self.losses(global_step)
+
+    def remove_channels(self) -> nn.Module:
+        """torch-dag's name for :meth:`finalize`."""
+        return self.finalize()
+
+    def compute_normalized_flops(self) -> float:
+        """MACs of the model as it is now (deterministic gates; after :meth:`finalize` the pruned model) over
+        the baseline MACs."""
+        return self.reached if self.finalized else self.current_proportion()
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({len(self.groups)} groups, target={self.target}, num_steps={self.num_steps}, "
