@@ -6,9 +6,9 @@ reshapes, slices, cat), ``spatial`` (pooling, upsampling), ``attention`` (SDPA, 
 ``reductions`` (sum, mean, softmax), ``indexing`` (index, gather, embedding), ``creation`` (factories).
 Add an op to its family with the ``@rule(...)`` decorator, or from outside with :func:`prunekit.register_op`.
 """
-from .registry import (FieldView, OpSpec, Zero, lookup, packet_name, pinning_rule, qualname, register, register_many,
-                       specs, unregister)
+from .registry import (FieldView, OpRegistration, OpSpec, Zero, lookup, packet_name, pinning_rule, qualname, register,
+                       register_many, register_op, specs, unregister, unregister_op)
 from . import elementwise, conv, linear, norms, shape, spatial, attention, reductions, indexing, creation  # noqa: F401,E401
 
-__all__ = ["FieldView", "OpSpec", "Zero", "lookup", "packet_name", "pinning_rule", "qualname", "register",
+__all__ = ["FieldView", "OpRegistration", "OpSpec", "register_op", "unregister_op", "Zero", "lookup", "packet_name", "pinning_rule", "qualname", "register",
            "register_many", "specs", "unregister"]

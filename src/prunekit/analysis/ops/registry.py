@@ -225,3 +225,100 @@ class FieldView(MutableMapping):
             return True
         except KeyError:
             return False
+
+
+class OpRegistration:
+    """What :func:`register_op` returns: the registered spec; :meth:`remove` (or leaving a ``with`` block)
+    unregisters it and gives back the spec it replaced, if any."""
+
+    def __init__(self, spec: OpSpec, previous: OpSpec | None):
+        self.spec, self._previous, self._active = spec, previous, True
+
+    def remove(self) -> None:
+        if not self._active:
+            return
+        self._active = False
+        if _SPECS.get(self.spec.op) is self.spec:
+            if self._previous is not None:
+                _SPECS[self.spec.op] = self._previous
+            else:
+                del _SPECS[self.spec.op]
+
+    def __enter__(self) -> "OpRegistration":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def register_op(op: Any, rule: Rule | None = None, macs: MacsFormula | None = None, zero: Zero | None = None, *,
+                structural: bool = False, cost_free: bool = False, replace: bool = False) -> OpRegistration:
+    """Teach prunekit how an op moves channels (and what it costs): a ``torch.library`` custom op, or an ATen
+    op it does not know yet.  Without a spec an op pins every dim it touches ("unsupported op ...").
+
+    ``op``: the op's overload packet, e.g. ``torch.ops.mylib.scale_channels`` (its namespace is part of its
+    identity: ``torch.ops.quantized.conv2d`` is not ``torch.ops.aten.conv2d``), an overload, or the object
+    ``torch.library.custom_op`` returned.  An op that already has a spec is refused unless ``replace=True``.
+    The registration lasts until ``.remove()`` is called on the returned object or :func:`unregister_op`
+    (or use it as a context manager: ``with pk.register_op(...):``).
+
+    ``zero`` alone (no ``rule``): the op is elementwise, and :class:`Zero` says how its output behaves where
+    its inputs are zero (``Zero.PRESERVING`` for ``f(0) = 0``).
+
+    ``rule(analyzer, op)`` for anything else.  ``op`` is the call's
+    :class:`~prunekit.capture.tape.OpRecord`: ``op.args`` / ``op.kwargs`` with tensors replaced by
+    ``TRef`` s, ``op.arg("name")`` reads an argument by its schema name, ``op.outs()`` lists the output
+    tensors, ``op.module`` names the executing module.  The rule states, for every output dim, which
+    channels it holds, through the :class:`~prunekit.analysis.analyzer.Analyzer`:
+
+    * ``analyzer.shape(t)``, ``analyzer.lay(t, d)``, ``analyzer.zero(t, d)``: an input's shape, the channel
+      layout of its dim ``d``, and whether it is zero on masked channels;
+    * ``analyzer.copy_dim(x, d, out, d2)``: output dim ``d2`` is input dim ``d`` (a passthrough);
+      ``analyzer.set(out, d, layout)`` / ``analyzer.set_zero(out, d, flag)`` for a layout built otherwise;
+    * ``analyzer.tie([(a, d), (b, e)])``: those dims are the same channels (pruned together);
+    * ``analyzer.pin_node(t, reason)`` / ``analyzer.pin_op(op, reason)``: keep dims at their size; start
+      the reason with ``analyzer.where(op)`` so it names the op and module;
+    * the layout algebra of :mod:`prunekit.analysis.spaces` (``fresh``, ``split_sizes``, ``merge``,
+      ``slice_layout``, ``concat``, ``mix`` for dims whose removal is not equal to zeroing, ``pin``).
+
+    Output dims a rule leaves unset are pinned; an exception in a rule pins the op's tensors (the analysis
+    never guesses).  A prunable group is checked by the dry run and, after pruning, by the verification
+    against the masked model, so a wrong rule is caught rather than silently trusted.
+
+    ``macs(op, size, shape)``: the call's multiply-accumulates for ``pk.count``, FLOPs targets and the FLOPs
+    loss; ``size(t, d)`` is dim ``d``'s (kept) size -- it may be a symbolic polynomial, so only add and
+    multiply sizes -- and ``shape(t)`` the captured shape.  ``structural`` / ``cost_free``: declare that
+    the op has no MACs on purpose (it only moves values / the counting convention does not count it).
+
+    Example::
+
+        @torch.library.custom_op("mylib::scale_channels", mutates_args=())
+        def scale_channels(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # x (N, C, ...), w (C,)
+            return x * w.view(-1, *[1] * (x.dim() - 2))
+
+        def rule(analyzer, op):
+            x, w = op.arg("x"), op.arg("w")
+            out = op.outs()[0]
+            for d in range(len(analyzer.shape(x))):
+                analyzer.copy_dim(x, d, out, d)
+            analyzer.tie([(x, 1), (w, 0)])  # the weight follows the channels
+
+        pk.register_op(torch.ops.mylib.scale_channels, rule=rule,
+                       macs=lambda op, size, shape: 0, cost_free=True)
+    """
+    if rule is None and zero is not None:
+        from .elementwise import elementwise
+
+        def rule(analyzer, record, _zero=zero):
+            elementwise(analyzer, record, _zero)
+    if rule is None and macs is None:
+        raise ValueError(f"register_op({qualname(op)}): give a rule (or a zero kind for an elementwise op) "
+                         "and/or a macs formula")
+    previous = _SPECS.get(qualname(op))
+    spec = register(op, rule, macs, zero, structural=structural, cost_free=cost_free, replace=replace)
+    return OpRegistration(spec, previous)
+
+
+def unregister_op(op: Any) -> None:
+    """Forget the spec of ``op`` (registered with :func:`register_op`); the op is pinned again."""
+    unregister(op)

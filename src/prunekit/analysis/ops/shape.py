@@ -229,13 +229,7 @@ def _cat(A, op):
             A.set(out, d, C.concat([A.lay(t, d) for t in tens]))
             A.set_zero(out, d, all(A.zero(t, d) for t in tens))
         else:
-            lay = None
-            for t in tens:
-                if lay is None:
-                    lay = A.lay(t, d)
-                else:
-                    C.tie(lay, A.lay(t, d), A.where(op))
-            A.set(out, d, lay)
+            A.set(out, d, A.tie([(t, d) for t in tens]))
             A.set_zero(out, d, all(A.zero(t, d) for t in tens))
 
 
@@ -250,13 +244,7 @@ def _stack(A, op):
             A.set(out, d, C.fresh(A.shape(out)[d], f"stack dim of {A.where(op)}"))
             continue
         k = d if d < dim else d - 1
-        lay = None
-        for t in tens:
-            if lay is None:
-                lay = A.lay(t, k)
-            else:
-                C.tie(lay, A.lay(t, k), A.where(op))
-        A.set(out, d, lay)
+        A.set(out, d, A.tie([(t, k) for t in tens]))
         A.set_zero(out, d, all(A.zero(t, k) for t in tens))
 
 
