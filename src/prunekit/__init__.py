@@ -18,6 +18,7 @@ from .io import CheckpointError, ExportError, export, load, load_state_dict_prun
 from .cost import LatencyResult, Stats, count, latency
 from .plan.schedules import AGP, Geometric, Linear, LotteryTicket, OneShot, get_schedule, prune_iteratively
 from .analysis import Group
+from .analysis.ops.registry import register_op, unregister_op
 from .surgery import PruningError, VerificationError, apply_masks, mask, prune, unmask
 
 from ._version import __version__  # noqa: E402
@@ -26,6 +27,8 @@ __all__ = [
     # core pipeline
     "CaptureError", "Group", "PruneGraph", "PruningError", "VerificationError", "analyze", "apply_masks", "mask",
     "prune", "unmask",
+    # teaching prunekit an op
+    "register_op", "unregister_op",
     # measuring, saving, exporting
     "LatencyResult", "Stats", "count", "latency", "CheckpointError", "ExportError", "export", "load",
     "load_state_dict_pruned", "save",

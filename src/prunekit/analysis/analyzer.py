@@ -12,7 +12,7 @@ from torch import nn
 
 from ..capture.tape import OpRecord, Tape, TRef
 from . import spaces as C
-from .rules import RULES
+from .ops.registry import _SPECS, lookup as _lookup
 
 log = logging.getLogger("prunekit.spaces")
 
@@ -147,7 +147,17 @@ def _units_tensor(units: Iterable[int], size: int, gid: int) -> torch.Tensor:
 
 
 class Analyzer:
-    """State of one analysis: layouts and zero flags per tape node, bindings."""
+    """State of one analysis: layouts and zero flags per tape node, bindings.
+
+    An op rule (see :func:`prunekit.register_op`) receives the analyzer and one
+    :class:`~prunekit.capture.tape.OpRecord` and describes the op through these methods: :meth:`shape`,
+    :meth:`lay` and :meth:`zero` read an input dim's size, channel layout and zero flag; :meth:`set`,
+    :meth:`set_zero` and :meth:`copy_dim` state an output dim's; :meth:`tie` says dims are the same channels;
+    :meth:`pin_node` / :meth:`pin_op` keep dims at their size (with a reason); :meth:`where` names the call
+    for those reasons; :meth:`module_of` and :meth:`bind` make a module's size attribute follow a layout.
+    The layout algebra itself (fresh spaces, split/merge/slice/concat, mix, pin) is in
+    :mod:`prunekit.analysis.spaces`.
+    """
 
     def __init__(self, tape: Tape, model: nn.Module):
         self.tape = tape
@@ -184,9 +194,12 @@ class Analyzer:
         return ref.id if isinstance(ref, TRef) else int(ref)
 
     def shape(self, ref) -> tuple[int, ...]:
+        """The captured shape of tape tensor ``ref`` (a TRef or a node id)."""
         return self.tape.nodes[self._nid(ref)].shape
 
     def lay(self, ref, d: int):
+        """The channel layout of dim ``d`` of tensor ``ref`` (a fresh space, pinned as "produced by" the
+        current op, if nothing set it)."""
         nid = self._nid(ref)
         if self.layouts[nid] is None:
             self._init(nid, f"produced by {self.where(self.op)}", False)
@@ -197,11 +210,14 @@ class Analyzer:
         return l
 
     def zero(self, ref, d: int) -> bool:
+        """Is tensor ``ref`` exactly zero on the masked channels of dim ``d`` (e.g. a conv output, a ReLU of
+        one)?  Removing such channels equals zeroing them for a sum or contraction over the dim."""
         nid = self._nid(ref)
         z = self.zeros[nid]
         return bool(z[d]) if z is not None and z[d] is not None else False
 
     def set(self, ref, d: int, layout) -> None:
+        """Dim ``d`` of output ``ref`` has channel layout ``layout``; a dim that already has one is tied to it."""
         nid = self._nid(ref)
         if self.layouts[nid] is None:
             n = len(self.shape(nid))
@@ -214,14 +230,29 @@ class Analyzer:
             self.layouts[nid][d] = layout
 
     def set_zero(self, ref, d: int, z: bool) -> None:
+        """Record whether output ``ref`` is zero on the masked channels of dim ``d`` (see :meth:`zero`)."""
         nid = self._nid(ref)
         if self.zeros[nid] is None:
             self.zeros[nid] = [None] * len(self.shape(nid))
         self.zeros[nid][d] = bool(z)
 
     def copy_dim(self, src, ds: int, dst, dd: int) -> None:
+        """Dim ``dd`` of ``dst`` is dim ``ds`` of ``src``: same layout, same zero flag (a view, a passthrough)."""
         self.set(dst, dd, self.lay(src, ds))
         self.set_zero(dst, dd, self.zero(src, ds))
+
+    def tie(self, dims, why: str | None = None):
+        """The dims ``[(tensor, dim), ...]`` hold the same channels (an elementwise op's aligned inputs, the
+        tensors of a cat): their layouts are tied, and the first one is returned (None for no dims).  ``why``
+        (default: :meth:`where` of the current op) names the op when the layouts cannot be tied."""
+        layout = None
+        for ref, d in dims:
+            other = self.lay(ref, d)
+            if layout is None:
+                layout = other
+            else:
+                C.tie(layout, other, why if why is not None else self.where(self.op))
+        return layout
 
     def is_param(self, ref) -> bool:
         """True for parameters/buffers and views of them (e.g. ``aten.t(weight)`` inside nn.Linear)."""
@@ -229,14 +260,18 @@ class Analyzer:
 
     # -- context
     def module_name(self, op: OpRecord | None) -> str:
+        """The executing module's name of ``op`` (``<root>`` for the model itself)."""
         return (op.module or "<root>") if op is not None else "<root>"
 
     def where(self, op: OpRecord | None) -> str:
+        """``"<op> in <module>"``: how reasons and errors name a call."""
         if op is None:
             return "capture"
         return f"{op.packet} in {self.module_name(op)}"
 
     def module_of(self, op: OpRecord, class_names: tuple[str, ...], param=None) -> str | None:
+        """The executing module of ``op`` if it is one of ``class_names`` (and, given ``param``, the op's weight
+        is that module's own), else None: the module whose size attributes the rule may :meth:`bind`."""
         m = self.modules.get(op.module)
         if m is None:
             return None
@@ -326,6 +361,8 @@ class Analyzer:
                     self.scale_suspects.append((op, value, attr, b))
 
     def pin_node(self, ref, reason: str) -> None:
+        """Pin every dim of tensor ``ref``: its channels keep their size, and groups reaching them are not
+        prunable, with ``reason`` (name the op: start it with :meth:`where`)."""
         nid = self._nid(ref)
         if self.layouts[nid] is None:  # pinned for ``reason`` alone (not also "produced by" the same op)
             self._init(nid, None, False)
@@ -336,6 +373,7 @@ class Analyzer:
             C.pin(lays[d], reason)
 
     def pin_op(self, op: OpRecord, reason: str) -> None:
+        """Pin every dim of every input and output of ``op`` (what an op without a rule gets)."""
         for r in op.inputs():
             self.pin_node(r, reason)
         for r in op.outs():
@@ -345,7 +383,8 @@ class Analyzer:
     def run(self) -> None:
         for op in self.tape.ops:
             self.op = op
-            fn = RULES.get(op.packet)
+            spec = _SPECS.get(op.qualname) if op.qualname else _lookup(op)
+            fn = spec.rule if spec is not None else None
             if fn is None:
                 self.unsupported.setdefault(op.name, set()).add(self.module_name(op))
                 self.pin_op(op, f"unsupported op {op.name} in {self.module_name(op)}")

@@ -24,6 +24,11 @@ _IDS = itertools.count(1)  # next() on it is atomic: analyses in several threads
 
 
 class Space:
+    """A set of ``size`` channel indices: a union-find node (``parent``), possibly decomposed into parts
+    (``decomp``: ``("cat", parts)`` or ``("prod", factors)``), with the reasons it is pinned (``pins``: it
+    keeps its size) or mixed (``mix``: removing its units is not equal to zeroing them) and free-form
+    ``tags`` ("head", "head_dim", "group", "nonchannel")."""
+
     __slots__ = ("id", "size", "parent", "decomp", "pins", "mix", "tags")
 
     def __init__(self, size: int, pin: str | None = None):
@@ -40,10 +45,13 @@ class Space:
 
 
 class TieError(Exception):
-    pass
+    """Two layouts cannot be the same channels (different sizes, or decompositions that do not align).
+    Raised by :func:`tie`, :func:`split_sizes` and :func:`slice_layout`; a rule that does not catch it has
+    the op's tensors pinned with the message."""
 
 
 def find(s: Space) -> Space:
+    """The representative of the spaces ``s`` is tied to (union-find root, with path compression)."""
     root = s
     while root.parent is not None:
         root = root.parent
@@ -75,14 +83,17 @@ def _children(s: Space, kind: str, sizes: Sequence[int]) -> list[Space]:
 
 
 def term_size(t: Term) -> int:
+    """The size of a term: the product of its spaces' sizes."""
     return math.prod(find(s).size for s in t)
 
 
 def layout_size(l: Layout) -> int:
+    """The size of a dim with layout ``l``: the sum of its terms' sizes."""
     return sum(term_size(t) for t in l)
 
 
 def expand_space(s: Space, found: set | None = None) -> list[Term]:
+    """Space ``s`` as terms of leaf spaces, following its (and its parts') decompositions."""
     r = find(s)
     if r.decomp is None:
         return [(r,)]
@@ -115,6 +126,7 @@ def _expand_prod(factors: Sequence[Space], found: set | None = None) -> list[Ter
 
 
 def expand_term(t: Term, found: set | None = None) -> list[Term]:
+    """Term ``t`` (a product of spaces) as terms of leaf spaces."""
     return _expand_prod(t, found)
 
 
@@ -128,6 +140,7 @@ def expand(l: Layout) -> list[Term]:
 
 
 def leaves(l: Layout) -> list[Space]:
+    """The distinct leaf spaces of layout ``l``: the units pruning can remove from the dim."""
     seen: dict[int, Space] = {}
     for t in expand(l):
         for s in t:
@@ -136,6 +149,7 @@ def leaves(l: Layout) -> list[Space]:
 
 
 def fresh(size: int, pin: str | None = None) -> Layout:
+    """The layout of a dim with ``size`` new channels, tied to nothing (pinned for ``pin`` if given)."""
     if size == 0:
         return ()
     return ((Space(size, pin),),)
@@ -149,6 +163,7 @@ def fresh_nonchannel(size: int, reason: str) -> Layout:
 
 
 def pin(l: Layout | None, reason: str) -> None:
+    """The channels of ``l`` keep their size: every group reaching them is not prunable, for ``reason``."""
     if l is None:
         return
     for s in leaves(l):
@@ -157,6 +172,8 @@ def pin(l: Layout | None, reason: str) -> None:
 
 
 def mix(l: Layout | None, reason: str) -> None:
+    """The channels of ``l`` are mixed by an op (a contraction over non-zero values, statistics over them):
+    pruning them stays valid but is not exactly equal to zeroing them (the group is not ``exact``)."""
     if l is None:
         return
     for s in leaves(l):
@@ -165,6 +182,7 @@ def mix(l: Layout | None, reason: str) -> None:
 
 
 def tag(l: Layout | None, name: str) -> None:
+    """Add tag ``name`` to every leaf of ``l`` (``"head"``, ``"head_dim"``, ``"group"``, ``"nonchannel"``)."""
     if l is None:
         return
     for s in leaves(l):
@@ -305,6 +323,7 @@ def merge(layouts: Sequence[Layout]) -> Layout:
 
 
 def concat(layouts: Sequence[Layout]) -> Layout:
+    """The layout of dims concatenated along one dim (``cat``): their terms one after another."""
     return tuple(t for l in layouts for t in l)
 
 

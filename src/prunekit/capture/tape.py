@@ -46,6 +46,16 @@ class OpRecord:
     inplace_of: int | None = None  # node id of the mutated input, if in-place
     _ins: list | None = field(default=None, repr=False, compare=False)
     _outs: list | None = field(default=None, repr=False, compare=False)
+    qualname: str = ""  # the op's namespace-qualified name, e.g. "aten::add": its key in the op registry
+    argpos: dict | None = field(default=None, repr=False, compare=False)  # schema argument name -> position
+
+    def arg(self, name: str, default: Any = None) -> Any:
+        """The argument called ``name`` in the op's schema (``op.arg("groups")``), positional or keyword;
+        ``default`` when the call did not pass it (or the overload has no such argument)."""
+        pos = self.argpos.get(name) if self.argpos is not None else None
+        if pos is not None and pos < len(self.args):
+            return self.args[pos]
+        return self.kwargs.get(name, default)
 
     def inputs(self) -> list["TRef"]:
         if self._ins is None:
@@ -114,13 +124,16 @@ _LEAF_OK = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.
 class _OpInfo:
     """Per-ATen-overload facts computed once: names, skip flag, mutated first argument, cacheability."""
 
-    __slots__ = ("name", "packet", "skip", "inplace0", "cacheable", "returns_self")
+    __slots__ = ("name", "packet", "qualname", "argpos", "skip", "inplace0", "cacheable", "returns_self")
 
     def __init__(self, func):
         sch = func._schema
         self.name = str(func)
-        self.packet = func.overloadpacket.__name__
-        self.skip = self.packet in _SKIP
+        ns, _, bare = sch.name.partition("::")
+        self.qualname = sch.name  # "aten::add": the op registry's key (the namespace is part of the identity)
+        self.packet = bare if ns == "aten" else f"{ns}.{bare}"  # "add"; "quantized.conv2d" outside aten
+        self.argpos = {a.name: i for i, a in enumerate(sch.arguments)}  # shared by every record of the overload
+        self.skip = ns == "aten" and bare in _SKIP
         mutated = [i for i, a in enumerate(sch.arguments) if a.alias_info is not None and a.alias_info.is_write]
         self.inplace0 = bool(mutated) and mutated[0] == 0
         # an in-place op that returns its mutated first argument (relu_, hardswish_, add_, mul_): on meta its
@@ -254,8 +267,14 @@ class _Recorder(TorchDispatchMode):
             routs = []
         tape = self.tape
         tape.ops.append(OpRecord(len(tape.ops), info.name, info.packet, rargs, rkwargs, routs,
-                                 self.stack[-1] if self.stack else "", inplace_of, ins, outs))
+                                 self.stack[-1] if self.stack else "", inplace_of, ins, outs, info.qualname,
+                                 info.argpos))
         return out
+
+
+# the capture's markers (ops of the ``prunekit`` namespace) and their argument names
+_SDPA_SCALE_ARGS = {"query": 0, "scale": 1}
+_MHA_ARGS = {"query": 0, "in_proj_weight": 1, "packed": 2}
 
 
 class _SDPAMarker(torch.overrides.TorchFunctionMode):
@@ -275,7 +294,8 @@ class _SDPAMarker(torch.overrides.TorchFunctionMode):
                 tape = self.rec.tape
                 tape.ops.append(OpRecord(len(tape.ops), "prunekit.sdpa_scale", "prunekit.sdpa_scale",
                                          (TRef(nid), scale), {}, [],
-                                         self.rec.stack[-1] if self.rec.stack else ""))
+                                         self.rec.stack[-1] if self.rec.stack else "",
+                                         qualname="prunekit::sdpa_scale", argpos=_SDPA_SCALE_ARGS))
         return func(*args, **kwargs)
 
 
@@ -424,7 +444,8 @@ def _capture_once(model: nn.Module, example_inputs: Any, forward_fn: Callable | 
                 qn, wn = rec.node_of(q), rec.node_of(w)
                 if qn is not None and wn is not None:
                     tape.ops.append(OpRecord(len(tape.ops), "prunekit.mha_constraint", "prunekit.mha_constraint",
-                                             (TRef(qn), TRef(wn), m._qkv_same_embed_dim), {}, [], _n))
+                                             (TRef(qn), TRef(wn), m._qkv_same_embed_dim), {}, [], _n,
+                                             qualname="prunekit::mha_constraint", argpos=_MHA_ARGS))
             mha_handles.append(mod.register_forward_hook(mha_hook, with_kwargs=True))
     # plain tensor attributes are swapped like buffers, and whatever the forward caches on the modules is undone
     guard = preserved_modules(model, _meta_attr if mode == "meta" else _real_attr, memo)

@@ -1,4 +1,6 @@
-"""The FLOPs table: MACs per ATen op, as a function of every dim's (kept) size.
+"""MACs per ATen op, as a function of every dim's (kept) size, and the symbolic sizes they are evaluated on.
+
+The formulas are part of each op's spec in :mod:`prunekit.analysis.ops` (beside its channel rule).
 
 One table serves counting (``pk.count``), FLOPs targets and the differentiable FLOPs loss:
 a formula receives a ``size(node_ref, dim)`` callable, which returns either the captured size,
@@ -30,78 +32,20 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from ..analysis.ops.registry import _SPECS, FieldView, lookup
 from ..capture.tape import OpRecord, TRef
 
 SizeFn = Callable[[TRef, int], int]
 
-
-def _numel(size: SizeFn, ref: TRef, ndim: int) -> int:
-    return math.prod(size(ref, d) for d in range(ndim))
-
-
-def _conv(op: OpRecord, size: SizeFn, shape) -> int:
-    x, w = op.args[0], op.args[1]
-    out = op.outs()[0]
-    if op.packet in ("convolution", "_convolution", "convolution_overrideable"):
-        transposed = bool(op.args[6]) if len(op.args) > 6 else False
-    else:
-        transposed = op.packet.startswith("conv_transpose")
-    wdims = len(shape(w))
-    per = math.prod(size(w, d) for d in range(1, wdims))
-    if transposed:
-        return _numel(size, x, len(shape(x))) * per
-    return _numel(size, out, len(shape(out))) * per
-
-
-def _mm(op: OpRecord, size: SizeFn, shape) -> int:
-    if op.packet in ("addmm", "baddbmm", "_addmm_activation", "addbmm", "addmv"):
-        a = op.args[1]
-    else:
-        a = op.args[0]
-    out = op.outs()[0]
-    na = len(shape(a))
-    macs = _numel(size, out, len(shape(out))) * size(a, na - 1)
-    if op.packet == "addbmm":  # the batch is summed away: out has no batch dim
-        macs = macs * size(a, 0)
-    return macs
-
-
-def _sdpa(op: OpRecord, size: SizeFn, shape) -> int:
-    q, k, v = op.args[0], op.args[1], op.args[2]
-    n = len(shape(q))
-    lead = math.prod(size(q, d) for d in range(n - 2))
-    L, S = size(q, n - 2), size(k, n - 2)
-    return lead * L * S * (size(q, n - 1) + size(v, n - 1))
-
-
-def _attn_bshd(op: OpRecord, size: SizeFn, shape) -> int:
-    """Kernel-level attention with (batch, seq, heads, dim) inputs, or packed (tokens, heads, dim)."""
-    q, k, v = op.args[0], op.args[1], op.args[2]
-    if len(shape(q)) == 3:
-        lead, L, S = size(q, 1), size(q, 0), size(k, 0)
-    else:
-        lead, L, S = size(q, 0) * size(q, 2), size(q, 1), size(k, 1)
-    e = len(shape(q)) - 1
-    return lead * L * S * (size(q, e) + size(v, e))
-
-
-MACS: dict[str, Callable] = {}
-for _n in ("convolution", "_convolution", "convolution_overrideable", "conv2d", "conv1d", "conv3d",
-           "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "cudnn_convolution", "mkldnn_convolution",
-           "_slow_conv2d_forward"):
-    MACS[_n] = _conv
-for _n in ("addmm", "mm", "bmm", "baddbmm", "_addmm_activation", "matmul", "addbmm", "_scaled_mm", "mv", "addmv",
-           "dot"):
-    MACS[_n] = _mm
-for _n in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
-           "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention"):
-    MACS[_n] = _sdpa
-for _n in ("_flash_attention_forward", "_efficient_attention_forward"):
-    MACS[_n] = _attn_bshd
+# the formulas live beside the channel rules, one spec per op (prunekit.analysis.ops); ``MACS`` is a
+# deprecated view of them keyed by ``OpRecord.packet`` (assigning to it replaces an op's formula)
+MACS = FieldView("macs")
 
 
 def op_macs(op: OpRecord, size: SizeFn, shape) -> int:
-    fn = MACS.get(op.packet)
+    """MACs of one recorded call (0 for an op without a formula), looked up by the op's qualified name."""
+    spec = _SPECS.get(op.qualname) if op.qualname else lookup(op)
+    fn = spec.macs if spec is not None else None
     return int(fn(op, size, shape)) if fn is not None else 0
 
 
