@@ -17,6 +17,7 @@ from .io import CheckpointError, ExportError, export, load, load_state_dict_prun
 from .cost import LatencyResult, Stats, count, latency
 from .plan.schedules import AGP, Geometric, Linear, LotteryTicket, OneShot, get_schedule, prune_iteratively
 from .analysis import Group
+from .analysis.modules import ModuleSpec, register_module, unregister_module
 from .surgery import PruningError, VerificationError, apply_masks, mask, prune, unmask
 
 __version__ = "0.1.0"
@@ -25,6 +26,8 @@ __all__ = [
     # core pipeline
     "CaptureError", "Group", "PruneGraph", "PruningError", "VerificationError", "analyze", "apply_masks", "mask",
     "prune", "unmask",
+    # extending: teach prunekit a custom layer
+    "ModuleSpec", "register_module", "unregister_module",
     # measuring, saving, exporting
     "LatencyResult", "Stats", "count", "latency", "CheckpointError", "ExportError", "export", "load",
     "load_state_dict_pruned", "save",
