@@ -19,6 +19,7 @@ from .cost import LatencyResult, Stats, count, latency
 from .plan.schedules import AGP, Geometric, Linear, LotteryTicket, OneShot, get_schedule, prune_iteratively
 from .analysis import Group
 from .analysis.ops.registry import register_op, unregister_op
+from .analysis.modules import ModuleSpec, register_module, unregister_module
 from .surgery import PruningError, VerificationError, apply_masks, mask, prune, unmask
 
 from ._version import __version__  # noqa: E402
@@ -29,6 +30,8 @@ __all__ = [
     "prune", "unmask",
     # teaching prunekit an op
     "register_op", "unregister_op",
+    # extending: teach prunekit a custom layer
+    "ModuleSpec", "register_module", "unregister_module",
     # measuring, saving, exporting
     "LatencyResult", "Stats", "count", "latency", "CheckpointError", "ExportError", "export", "load",
     "load_state_dict_pruned", "save",

@@ -16,24 +16,9 @@ from .analysis import spaces as C
 from .analysis.analyzer import Analyzer, Binding, Group, Member, pin_reason
 from .surgery import trial
 from .verify import dryrun
+from .analysis.modules import source_dim  # noqa: F401  (re-exported: ``prunekit.graph.source_dim``)
 
 log = logging.getLogger("prunekit")
-
-_SOURCE_DIM = {  # module class -> weight dim that holds its output channels
-    "Conv1d": 0, "Conv2d": 0, "Conv3d": 0, "Linear": 0, "ConvTranspose1d": 1, "ConvTranspose2d": 1,
-    "ConvTranspose3d": 1, "Embedding": 1, "NonDynamicallyQuantizableLinear": 0,
-}
-
-
-def source_dim(module: nn.Module | None) -> int | None:
-    """Weight dim that holds ``module``'s output channels (subclasses such as timm's Conv2dSame included)."""
-    if module is None:
-        return None
-    for cls in type(module).__mro__:
-        if cls.__name__ in _SOURCE_DIM:
-            return _SOURCE_DIM[cls.__name__]
-    return None
-
 
 class PruneGraph:
     """Result of :func:`analyze`: the captured tape, channel spaces and groups of one model."""

@@ -76,8 +76,9 @@ from torch import nn
 
 from .._callbacks import callback
 from ..capture.tape import flatten_outputs
-from ..graph import PruneGraph, analyze, source_dim
-from ..plan.importance.base import is_norm, module_and_attr, unit_view
+from ..analysis.modules import is_norm, source_dim, spec_of
+from ..graph import PruneGraph, analyze
+from ..plan.importance.base import module_and_attr, unit_view
 from ..cost import count
 from ..analysis.analyzer import Group
 from ..surgery import prune
@@ -85,8 +86,6 @@ from ..plan.targets import Target, deprecated, keep_target
 from .pruner import _pattern, unit_step
 
 log = logging.getLogger("prunekit.learned")
-
-_CHANNEL_FIRST_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)  # BatchNorm*, InstanceNorm*, GroupNorm
 
 
 @dataclass
@@ -129,7 +128,8 @@ def _channel_map(member, channels: int, current: torch.Tensor | None) -> torch.T
 
 def _norm_out_dim(module: nn.Module, weight: torch.Tensor, member_dim: int) -> int | None:
     """Output dim that a norm layer's weight dim ``member_dim`` scales (None for norms we do not know)."""
-    if isinstance(module, _CHANNEL_FIRST_NORMS):
+    spec = spec_of(module)
+    if spec is not None and spec.norm and spec.channel_first:  # BatchNorm*, InstanceNorm*, GroupNorm
         return 1
     if hasattr(module, "normalized_shape"):  # LayerNorm, RMSNorm and look-alikes: trailing dims
         return member_dim - weight.dim()
@@ -154,8 +154,10 @@ def _module_consumers(tape) -> dict[str, set[str]]:
 
 
 def _source_out_dim(module: nn.Module) -> int:
-    """Output dim of a source layer's channels: conv -> 1 (N, C, ...), linear/embedding -> last."""
-    return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+    """Output dim of a source layer's channels (``ModuleSpec.act_dim``): conv -> 1 (N, C, ...), linear/embedding
+    -> last (also for a registered layer that does not say)."""
+    spec = spec_of(module)
+    return spec.act_dim if spec is not None and spec.act_dim is not None else -1
 
 
 class GateLosses(NamedTuple):

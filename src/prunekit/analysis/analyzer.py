@@ -11,14 +11,14 @@ import torch
 from torch import nn
 
 from ..capture.tape import OpRecord, Tape, TRef
+from . import modules as M
 from . import spaces as C
 from .ops.registry import _SPECS, lookup as _lookup
 
 log = logging.getLogger("prunekit.spaces")
 
-# size attributes that plain torch layers keep themselves consistent with (never bound by the reshape heuristic)
-_TORCH_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
-                 nn.Embedding)
+# layers whose size attributes are all known (``ModuleSpec.infer_attrs=False`` in analysis/modules.py) are never
+# bound by the reshape heuristic; these names never are, on any module
 _ATTR_DENY = {"training", "in_channels", "out_channels", "in_features", "out_features", "num_classes", "img_size",
               "patch_size", "num_features"}
 
@@ -269,14 +269,16 @@ class Analyzer:
             return "capture"
         return f"{op.packet} in {self.module_name(op)}"
 
-    def module_of(self, op: OpRecord, class_names: tuple[str, ...], param=None) -> str | None:
-        """The executing module of ``op`` if it is one of ``class_names`` (and, given ``param``, the op's weight
-        is that module's own), else None: the module whose size attributes the rule may :meth:`bind`."""
+    def module_of(self, op: OpRecord, class_names: tuple, param=None) -> str | None:
+        """Name of the module executing ``op`` when it is an instance of one of ``class_names`` (classes, matched
+        by isinstance, or class names matched over its MRO) -- and, with ``param``, when that tensor is the
+        module's own parameter (or derived from its own weight); else None."""
         m = self.modules.get(op.module)
         if m is None:
             return None
+        classes = tuple(c for c in class_names if isinstance(c, type))
         names = {c.__name__ for c in type(m).__mro__}
-        if not names.intersection(class_names):
+        if not (classes and isinstance(m, classes)) and not names.intersection(class_names):
             return None
         if param is not None:
             fqn = self.tape.nodes[self._nid(param)].name or ""
@@ -313,7 +315,10 @@ class Analyzer:
     def bind_reshape(self, op: OpRecord, layouts: list, sizes: list[int]) -> None:
         """Heuristic: int attributes of the executing module equal to a reshape size follow that size."""
         m = self.modules.get(op.module)
-        if m is None or isinstance(m, _TORCH_LAYERS):
+        if m is None:
+            return
+        spec = M.spec_of(m)
+        if spec is not None and not spec.infer_attrs:
             return
         ints = {k: v for k, v in vars(m).items() if type(v) is int and v > 1 and k not in _ATTR_DENY
                 and not k.startswith("_")}
@@ -412,21 +417,9 @@ class Analyzer:
         self.op = None
 
     def finish(self) -> None:
-        """Pin split factors inside products; bind Linear sizes; resolve reshape-size attribute candidates."""
+        """Pin split factors inside products; bind registered size attributes; resolve reshape-size candidates."""
         self._pin_interleaved()
-        # nn.Linear's sizes always equal its weight's: bind them from the weight even when the matmul ran
-        # elsewhere (F.linear inside MultiheadAttention, bmm lowering of non-contiguous inputs)
-        for name, m in self.modules.items():
-            if isinstance(m, nn.Linear) and f"{name}.weight" in self.param_nid:
-                pid = self.param_nid[f"{name}.weight"]
-                if self.layouts[pid] is not None and len(self.layouts[pid]) == 2:
-                    self.bind(name, "out_features", self.layouts[pid][0])
-                    self.bind(name, "in_features", self.layouts[pid][1])
-            # RNN/LSTM/GRU: the first layer's input weight is (gates x hidden, input_size); forward checks it
-            if isinstance(m, nn.RNNBase) and f"{name}.weight_ih_l0" in self.param_nid:
-                lay = self.layouts[self.param_nid[f"{name}.weight_ih_l0"]]
-                if lay is not None and len(lay) == 2:
-                    self.bind(name, "input_size", lay[1])
+        self._bind_module_attrs()
         attrs_of: dict[str, list[str]] = {}
         for mod, attr in self.reshape_cands:
             attrs_of.setdefault(mod, []).append(attr)
@@ -458,6 +451,32 @@ class Analyzer:
                     self.bind(mod, attr, pick)
         self._pin_interleaved()  # ties above may have split a factor inside a product
         self._find_scale_suspects()
+
+    def _bind_module_attrs(self) -> None:
+        """Size attributes that a layer's :class:`~prunekit.analysis.modules.ModuleSpec` ties to a parameter dim
+        (``nn.Linear.out_features`` <- ``weight`` dim 0) follow that dim's layout, even when the op using the
+        parameter ran elsewhere (F.linear inside MultiheadAttention, bmm lowering of non-contiguous inputs) or
+        no op rule knows the layer (a class registered with ``pk.register_module``).  Only an attribute whose
+        current value equals that size is bound; a binding an op rule made already stays."""
+        for name, m in self.modules.items():
+            spec = M.spec_of(m)
+            if spec is None or not spec.attrs:
+                continue
+            for attr in spec.attrs:
+                src = M.attr_source(m, attr)
+                if src is None:
+                    continue
+                pname, dim = src
+                pid = self.param_nid.get(f"{name}.{pname}" if name else pname)
+                if pid is None or self.layouts[pid] is None:
+                    continue
+                shape, lays, cur = self.shape(pid), self.layouts[pid], getattr(m, attr, None)
+                if dim is None:  # the whole shape, e.g. LayerNorm's normalized_shape
+                    if isinstance(cur, (tuple, list)) and tuple(cur) == tuple(shape) and None not in lays:
+                        self.bind(name, attr, list(lays))
+                elif -len(shape) <= dim < len(shape) and type(cur) is int and cur == shape[dim] \
+                        and lays[dim] is not None:
+                    self.bind(name, attr, lays[dim])
 
     def _pin_interleaved(self) -> None:
         # expanding every distinct term once finds every split factor inside a product (layouts share

@@ -12,20 +12,11 @@ from torch import nn
 from ..analysis import spaces as C
 from ..analysis.analyzer import unit_indices
 from ..verify.check import PruningError, VerificationError, check_finite, compare_outputs, run_outputs
+from ..analysis.modules import after_surgery, module_attr  # module_attr: re-exported (prunekit.surgery.module_attr)
 
 log = logging.getLogger("prunekit.surgery")
 
 Plan = Mapping[int, Iterable[int]]
-
-
-def module_attr(model: nn.Module, fqn: str, modules: Mapping[str, nn.Module] | None = None) -> tuple[nn.Module, str]:
-    """(owning module, attribute name) of a parameter/buffer name such as ``layer1.0.conv1.weight``
-    (``modules``: an optional ``dict(model.named_modules(remove_duplicate=False))`` for many lookups)."""
-    mod_name, _, attr = fqn.rpartition(".")
-    mod = modules.get(mod_name) if modules is not None else None
-    if mod is None:
-        mod = model.get_submodule(mod_name) if mod_name else model
-    return mod, attr
 
 
 def normalize_plan(graph, plan: Plan) -> dict[int, torch.Tensor]:
@@ -178,13 +169,16 @@ def remove(model: nn.Module, graph, plan: dict[int, torch.Tensor], undo: _Undo) 
         if val is not None and val != cur:
             undo.set_attr(mod, b.attr, val)
             log.debug("%s.%s: %s -> %s", b.module, b.attr, cur, val)
-    # derived attributes that are not a plain size
+    # derived attributes that are not a plain size (ModuleSpec.after_surgery: MultiheadAttention.head_dim, PReLU)
+    sliced: dict[str, set[str]] = defaultdict(set)
+    for fqn in drops:
+        for name in [fqn] + _aliases(graph).get(fqn, []):
+            owner, _, attr = name.rpartition(".")
+            sliced[owner].add(attr)
     for name, mod in modules.items():
-        if isinstance(mod, nn.MultiheadAttention) and any(k in drops for k in (f"{name}.in_proj_weight",)):
-            if mod.embed_dim % mod.num_heads == 0 and mod.head_dim != mod.embed_dim // mod.num_heads:
-                undo.set_attr(mod, "head_dim", mod.embed_dim // mod.num_heads)
-        if isinstance(mod, nn.PReLU) and mod.num_parameters != mod.weight.numel():
-            undo.set_attr(mod, "num_parameters", mod.weight.numel())
+        for attr, val in after_surgery(mod, frozenset(sliced.get(name, ()))).items():
+            if getattr(mod, attr, None) != val:
+                undo.set_attr(mod, attr, val)
 
 
 @contextlib.contextmanager

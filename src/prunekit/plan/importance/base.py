@@ -22,17 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...graph import source_dim  # the one table of "which weight dim holds a layer's output channels"
 from ...analysis.analyzer import Group, Member
-from ...surgery import module_attr
+from ...analysis.modules import is_norm, module_attr, source_dim  # noqa: F401  (is_norm: re-exported here)
 
 log = logging.getLogger("prunekit.importance")
 
 REDUCTIONS = ("mean", "sum", "max")
 NORMALIZATIONS = (None, "mean", "max", "sum", "standard")
-
-_NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm) + \
-    ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -62,7 +58,7 @@ def unit_view(member: Member, tensor: torch.Tensor, dim: int | None = None) -> t
 
 
 def module_and_attr(model: nn.Module, fqn: str) -> tuple[nn.Module | None, str]:
-    """Like :func:`prunekit.surgery.module_attr`, with ``None`` for a module the model does not have."""
+    """Like :func:`prunekit.analysis.modules.module_attr`, with ``None`` for a module the model does not have."""
     try:
         return module_attr(model, fqn)
     except AttributeError:
@@ -70,13 +66,6 @@ def module_and_attr(model: nn.Module, fqn: str) -> tuple[nn.Module | None, str]:
 
 
 output_dim = source_dim  # weight dim that holds a module's output channels (subclasses included), else None
-
-
-def is_norm(module: nn.Module | None) -> bool:
-    """BatchNorm/InstanceNorm/GroupNorm/LayerNorm/RMSNorm, their subclasses, and classes named ``*Norm*``."""
-    if module is None:
-        return False
-    return isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower()
 
 
 def member_role(model: nn.Module, member: Member) -> str:

@@ -7,6 +7,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from ...analysis.modules import spec_of
 from .base import DataCriterion, log, output_dim, reduce_members, unit_view
 
 
@@ -68,8 +69,10 @@ class Hessian(_WeightGrad):
 
 
 def _channel_dim(module: nn.Module, out: torch.Tensor) -> int:
-    """Dim of ``out`` that holds ``module``'s output channels: 1 for (batched) convs, last for linear/embedding."""
-    if isinstance(module, nn.modules.conv._ConvNd):
+    """Dim of ``out`` that holds ``module``'s output channels (``ModuleSpec.act_dim``): 1 for (batched) convs, last
+    for linear/embedding and layers whose spec does not say."""
+    spec = spec_of(module)
+    if spec is not None and spec.act_dim == 1:  # channel-first (convs): dim 0 when the input was unbatched
         return 1 if out.dim() == module.weight.dim() else 0
     return out.dim() - 1
 
