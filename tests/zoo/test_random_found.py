@@ -85,11 +85,6 @@ class HalfSplit(nn.Module):
         return self.out(torch.cat([self.a(a), self.b(b)], -1))
 
 
-@pytest.mark.xfail(strict=True, reason="dry-run promise: a split point derived from the runtime width "
-                   "(x.shape[-1] // 2) moves when only one half shrinks; the dry run drops one unit from each "
-                   "half (9 -> 7 channels, split 3|4 fits by coincidence) and so offers both halves, but dropping "
-                   "a unit of one half alone fails ('mat1 and mat2 shapes cannot be multiplied'). Same class as "
-                   "the equal-valued size attributes fixed on branch i11-h2; not fixed here")
 def test_split_at_runtime_half_width_is_pinned_or_prunes():
     torch.manual_seed(0)
     model = HalfSplit().eval()
@@ -97,6 +92,41 @@ def test_split_at_runtime_half_width_is_pinned_or_prunes():
     graph = pk.analyze(model, x)
     for g in graph.prunable_groups:  # the promise: every plan over the prunable groups applies
         pruned_copy(model, graph, {g.id: [0]}, verify=True)
+    # the dry run's plan that shrinks the split's parts unevenly found it: both halves are pinned with the reason,
+    # the Linears after them stay prunable
+    halves = [g for g in graph.groups if "inp" in g.modules and g.size in (4, 5)]
+    assert len(halves) == 2 and not any(g.prunable for g in halves), graph.summary()
+    assert all("cannot shrink unevenly" in g.reason for g in halves), [g.reason for g in halves]
+    assert {g.size for g in graph.prunable_groups} == {4, 5}, graph.summary()
+
+
+class AttrSplit(nn.Module):
+    """The same split, sized by an attribute (``self.half``) or by the parts' own widths: any plan applies."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode, self.half = mode, 4
+        self.inp, self.a, self.b, self.out = nn.Linear(6, 9), nn.Linear(4, 4), nn.Linear(5, 5), nn.Linear(9, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        if self.mode == "attr":
+            a, b = torch.split(x, [self.half, x.shape[-1] - self.half], dim=-1)
+        else:
+            a, b = x[..., :self.a.in_features], x[..., self.a.in_features:]
+        return self.out(torch.cat([self.a(a), self.b(b)], -1))
+
+
+@pytest.mark.parametrize("mode", ["attr", "in_features"])
+def test_split_sized_by_part_widths_stays_prunable(mode):
+    torch.manual_seed(0)
+    model = AttrSplit(mode).eval()
+    x = torch.randn(2, 6)
+    graph = pk.analyze(model, x)
+    for g in graph.prunable_groups:
+        pruned_copy(model, graph, {g.id: [0]}, verify=True)
+    halves = [g for g in graph.groups if "inp" in g.modules and g.size in (4, 5)]
+    assert all(g.prunable for g in halves) or mode == "attr", graph.summary()
 
 
 class CatThenGrouped(nn.Module):
