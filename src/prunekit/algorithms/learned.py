@@ -82,6 +82,7 @@ from ..metrics import count
 from ..spaces.graph import Group
 from ..surgery import prune
 from .pruner import _pattern
+from ..spaces.graph import module_label
 
 log = logging.getLogger("prunekit.learned")
 
@@ -262,7 +263,7 @@ class LearnedPruning:
                 log.debug("group %d ignored (%s)", g.id, ", ".join(names[:3]))
                 continue
             if not any(source_dim(mods.get(s)) is not None for s in g.source):
-                log.info("group %d (%s) has no source layer to gate: it stays unpruned", g.id, ", ".join(g.modules[:3]))
+                log.info("group %d (%s) has no source layer to gate: it stays unpruned", g.id, ", ".join(map(module_label, g.modules[:3])))
                 continue
             out.append(g)
         return out

@@ -25,6 +25,7 @@ from torch import nn
 from ..graph import source_dim  # the one table of "which weight dim holds a layer's output channels"
 from ..spaces.graph import Group, Member
 from ..surgery import module_attr
+from ..spaces.graph import module_label
 
 log = logging.getLogger("prunekit.importance")
 
@@ -291,7 +292,7 @@ class Criterion:
                 vecs.append(v.to(torch.float32).cpu())
         if not vecs:
             log.info("%s: group %d (%s) has no scorable parameter slice; scores are zero",
-                     self.name, group.id, ", ".join(group.modules[:3]))
+                     self.name, group.id, ", ".join(map(module_label, group.modules[:3])))
             return torch.zeros(group.size)
         return reduce_members(vecs, self.reduction)
 

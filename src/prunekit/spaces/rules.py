@@ -333,6 +333,9 @@ def _slice(A, op):
     try:
         A.set(out, dim, C.slice_layout(A.lay(x, dim), start, end))
         A.set_zero(out, dim, A.zero(x, dim))
+        lx = A.lay(x, dim)
+        A.splits.append((A.where(op), [C.slice_layout(lx, 0, start), C.slice_layout(lx, start, end),
+                                       C.slice_layout(lx, end, ish[dim])]))
     except C.TieError as e:
         msg = f"{A.where(op)}: {e}"
         C.pin(A.lay(x, dim), msg)
@@ -354,6 +357,7 @@ def _split(A, op):
     if by_size and len(set(sizes)) > 1:
         C.pin(A.lay(x, dim), f"{A.where(op)}: split/chunk into unequal parts {sizes} (sizes cannot follow pruning)")
     first = None
+    parts = []
     for out in outs:
         size = A.shape(out)[dim]
         for d in range(n):
@@ -363,6 +367,8 @@ def _split(A, op):
             part = C.slice_layout(A.lay(x, dim), pos, pos + size) if size != ish[dim] else A.lay(x, dim)
             A.set(out, dim, part)
             A.set_zero(out, dim, A.zero(x, dim))
+            if parts is not None:
+                parts.append(part)
             if by_size:
                 if first is None:
                     first = part
@@ -372,7 +378,10 @@ def _split(A, op):
             msg = f"{A.where(op)}: {e}"
             C.pin(A.lay(x, dim), msg)
             A.set(out, dim, C.fresh(size, msg))
+            parts = None
         pos += size
+    if parts and len(parts) > 1:
+        A.splits.append((A.where(op), parts))
 
 
 @rule("cat", "concat", "concatenate")
@@ -541,6 +550,26 @@ def _softmax(A, op):
 
 
 # ---------------------------------------------------------------- producers
+def _group_split(lx, groups: int, per: int):
+    """(groups, channels per group) layouts of a grouped conv's input channels ``lx``.  A concatenation whose
+    pieces are whole blocks of groups (``cat([a, b])`` into ``groups=2``) splits too: each piece is (its groups x
+    the channels per group), the channels per group one space shared by all pieces, the groups a concatenation."""
+    try:
+        return C.split_sizes(lx, [groups, per])
+    except C.TieError:
+        terms = C.expand(lx)
+        if len(terms) < 2 or per < 1 or any(C.term_size(t) % per for t in terms):
+            raise
+    lcin = C.fresh(per)
+    gparts = []
+    for t in terms:
+        gp = C.fresh(C.term_size(t) // per)
+        if not C.tie(((t),), C.merge([gp, lcin]) if gp else lcin, "grouped convolution"):
+            raise C.TieError("reshape splits a concatenation of channel spaces")
+        gparts.append(gp)
+    return C.concat(gparts), lcin
+
+
 @rule("convolution", "_convolution", "conv2d", "conv1d", "conv3d", "cudnn_convolution", "mkldnn_convolution",
       "convolution_overrideable", "_slow_conv2d_forward", "thnn_conv2d", "conv_transpose2d", "conv_transpose1d",
       "conv_transpose3d")
@@ -577,13 +606,13 @@ def _conv(A, op):
             lg = None
         else:
             if transposed:
-                lg, lcin = C.split_sizes(lx, [groups, xs[cdim] // groups])
+                lg, lcin = _group_split(lx, groups, xs[cdim] // groups)
                 lg2, lcin_w = C.split_sizes(A.lay(w, 0), [groups, ws[0] // groups])
                 C.tie(lcin, lcin_w, where)
                 C.tie(lg, lg2, where)
                 lout = C.merge([lg, A.lay(w, 1)])
             else:
-                lg, lcin = C.split_sizes(lx, [groups, xs[cdim] // groups])
+                lg, lcin = _group_split(lx, groups, xs[cdim] // groups)
                 C.tie(lcin, A.lay(w, 1), where)
                 lg2, lcout = C.split_sizes(A.lay(w, 0), [groups, ws[0] // groups])
                 C.tie(lg, lg2, where)

@@ -11,6 +11,7 @@ from torch import nn
 from ..capture.tape import call_model, eval_mode, flatten_outputs
 from ..spaces import core as C
 from ..spaces.graph import unit_indices
+from ..spaces.graph import module_label
 
 log = logging.getLogger("prunekit.surgery")
 
@@ -47,7 +48,7 @@ def normalize_plan(graph, plan: Plan) -> dict[int, torch.Tensor]:
         if u.numel() == 0:
             continue
         if not g.prunable:
-            raise PruningError(f"group {gid} ({', '.join(g.modules[:3])}) is not prunable: {g.reason}")
+            raise PruningError(f"group {gid} ({', '.join(map(module_label, g.modules[:3]))}) is not prunable: {g.reason}")
         if u.min() < 0 or u.max() >= g.size:
             raise PruningError(f"group {gid}: unit indices must be in [0, {g.size}), got {u.tolist()[:8]}")
         if u.numel() >= g.size:
