@@ -85,11 +85,6 @@ class HalfSplit(nn.Module):
         return self.out(torch.cat([self.a(a), self.b(b)], -1))
 
 
-@pytest.mark.xfail(strict=True, reason="dry-run promise: a split point derived from the runtime width "
-                   "(x.shape[-1] // 2) moves when only one half shrinks; the dry run drops one unit from each "
-                   "half (9 -> 7 channels, split 3|4 fits by coincidence) and so offers both halves, but dropping "
-                   "a unit of one half alone fails ('mat1 and mat2 shapes cannot be multiplied'). Same class as "
-                   "the equal-valued size attributes fixed on branch i11-h2; not fixed here")
 def test_split_at_runtime_half_width_is_pinned_or_prunes():
     torch.manual_seed(0)
     model = HalfSplit().eval()
@@ -97,6 +92,41 @@ def test_split_at_runtime_half_width_is_pinned_or_prunes():
     graph = pk.analyze(model, x)
     for g in graph.prunable_groups:  # the promise: every plan over the prunable groups applies
         pruned_copy(model, graph, {g.id: [0]}, verify=True)
+    # the dry run's plan that shrinks the split's parts unevenly found it: both halves are pinned with the reason,
+    # the Linears after them stay prunable
+    halves = [g for g in graph.groups if "inp" in g.modules and g.size in (4, 5)]
+    assert len(halves) == 2 and not any(g.prunable for g in halves), graph.summary()
+    assert all("cannot shrink unevenly" in g.reason for g in halves), [g.reason for g in halves]
+    assert {g.size for g in graph.prunable_groups} == {4, 5}, graph.summary()
+
+
+class AttrSplit(nn.Module):
+    """The same split, sized by an attribute (``self.half``) or by the parts' own widths: any plan applies."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode, self.half = mode, 4
+        self.inp, self.a, self.b, self.out = nn.Linear(6, 9), nn.Linear(4, 4), nn.Linear(5, 5), nn.Linear(9, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        if self.mode == "attr":
+            a, b = torch.split(x, [self.half, x.shape[-1] - self.half], dim=-1)
+        else:
+            a, b = x[..., :self.a.in_features], x[..., self.a.in_features:]
+        return self.out(torch.cat([self.a(a), self.b(b)], -1))
+
+
+@pytest.mark.parametrize("mode", ["attr", "in_features"])
+def test_split_sized_by_part_widths_stays_prunable(mode):
+    torch.manual_seed(0)
+    model = AttrSplit(mode).eval()
+    x = torch.randn(2, 6)
+    graph = pk.analyze(model, x)
+    for g in graph.prunable_groups:
+        pruned_copy(model, graph, {g.id: [0]}, verify=True)
+    halves = [g for g in graph.groups if "inp" in g.modules and g.size in (4, 5)]
+    assert all(g.prunable for g in halves) or mode == "attr", graph.summary()
 
 
 class CatThenGrouped(nn.Module):
@@ -113,11 +143,6 @@ class CatThenGrouped(nn.Module):
         return self.head(torch.relu(self.g(y)).mean((2, 3)))
 
 
-@pytest.mark.xfail(strict=True, reason="grouped conv fed by a concat pins every group of the model: "
-                   "'grouped channels cannot be aligned (reshape splits a concatenation of channel spaces)' although "
-                   "the concat boundary (4|4) is the group boundary, and the branch convs get 'dry-run pruning "
-                   "breaks the forward: Invalid channel dimensions' (the conv reset to groups=1 -- the `groups` "
-                   "binding default fixed on branch i11-h3); even g's own output channels (g -> head) are pinned")
 def test_grouped_conv_after_concat_keeps_its_outputs_prunable():
     torch.manual_seed(0)
     model = CatThenGrouped().eval()
@@ -125,7 +150,10 @@ def test_grouped_conv_after_concat_keeps_its_outputs_prunable():
     graph = pk.analyze(model, x)
     outs = [g for g in graph.prunable_groups if "g" in g.modules and "head" in g.modules]
     assert outs, [(g.id, g.modules, g.reason) for g in graph.groups]
-    plan = {outs[0].id: [0, 3]}
+    # the concat's pieces are the conv's group blocks: channel j of every group (a's j-th and b's j-th) is one unit
+    (ins,) = [g for g in graph.prunable_groups if {"a", "b", "g"} <= set(g.modules)]
+    assert ins.size == 4, graph.summary()
+    plan = {outs[0].id: [0, 2], ins.id: [1]}
     want = run(_zeroed(model, graph, plan), x)
     pk.prune(model, graph, plan)
     assert_same_outputs(want, run(model, x), "pruned vs zeroed", rtol=1e-5, atol=1e-6)

@@ -84,6 +84,7 @@ from ..analysis.analyzer import Group
 from ..surgery import prune
 from ..plan.targets import Target, deprecated, keep_target
 from .pruner import _pattern, unit_step
+from ..analysis.analyzer import module_label
 
 log = logging.getLogger("prunekit.learned")
 
@@ -310,7 +311,7 @@ class LearnedPruner:
                 log.debug("group %d ignored (%s)", g.id, ", ".join(names[:3]))
                 continue
             if not any(source_dim(mods.get(s)) is not None for s in g.source):
-                log.info("group %d (%s) has no source layer to gate: it stays unpruned", g.id, ", ".join(g.modules[:3]))
+                log.info("group %d (%s) has no source layer to gate: it stays unpruned", g.id, ", ".join(map(module_label, g.modules[:3])))
                 continue
             out.append(g)
         return out

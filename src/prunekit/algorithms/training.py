@@ -45,6 +45,7 @@ from .optim import rebuild_optimizer, remember_param_names, unwrap
 from .pruner import Pruner
 from ..plan.targets import FlopsTarget, Target, deprecated, keep_target
 from ..runs.workdir import read_torch, write_torch
+from ..analysis.analyzer import module_label
 
 log = logging.getLogger("prunekit.training")
 
@@ -198,7 +199,7 @@ def masked_plan(model: nn.Module, graph: PruneGraph) -> dict[int, list[int]]:
         g = graph.group(gid)
         if not g.prunable:
             log.warning("masked units of group %d (%s) are not removed: the group is not prunable (%s)",
-                        gid, ", ".join(g.modules[:3]), g.reason)
+                        gid, ", ".join(map(module_label, g.modules[:3])), g.reason)
             continue
         plan[gid] = full.nonzero().flatten().tolist()
     return plan

@@ -170,6 +170,9 @@ class Analyzer:
         self.reshape_cands: dict[tuple[str, str], list] = {}
         self.scale_cands: list[tuple[OpRecord, float, Any]] = []  # (op, scalar, scaled tensor) of mul/div/SDPA
         self.scale_suspects: list[tuple[OpRecord, float, str, Binding]] = []  # see _find_scale_suspects
+        # (where, part layouts) of every split/narrow/slice of a channel dim: the dry run also tries plans that
+        # shrink the parts unevenly (split sizes computed from the input's width follow the total, not the parts)
+        self.splits: list[tuple[str, list]] = []
         self.pderived: set[int] = {nd.id for nd in tape.nodes if nd.kind in ("param", "buffer")}
         self.param_nid: dict[str, int] = {nd.name: nd.id for nd in tape.nodes if nd.kind in ("param", "buffer")}
         self.op: OpRecord | None = None

@@ -18,6 +18,7 @@ from typing import Any
 
 from .common import FAILURE, CLIError, Steps, before_after, human
 from .models import FORMS, FORMS_HELP, LoadedModel, list_models, load_model, parse_shape
+from ..analysis.analyzer import module_label
 
 EPILOG = f"""MODEL forms: {FORMS_HELP}.
 Exit codes: 0 done; 1 the run failed (model did not build, target unreachable, pruning failed);
@@ -454,7 +455,7 @@ def cmd_prune(args, parser, argv) -> int:
         from .plot import plot_scores, plot_widths
         out = Path(args.plot)
         out.mkdir(parents=True, exist_ok=True)
-        titles = {g.id: f"group {g.id} " + (g.source[0] if g.source else g.modules[0]) for g in graph.groups}
+        titles = {g.id: f"group {g.id} " + module_label(g.source[0] if g.source else g.modules[0]) for g in graph.groups}
         report["plots"] = [str(plot_widths(widths_before, _widths(model), out / "widths.png")),
                            str(plot_scores(scores, plan, titles, out / "scores.png"))]
     if args.save:

@@ -18,6 +18,7 @@ from torch import nn
 from ..graph import PruneGraph, analyze
 from ..surgery import PruningError, normalize_plan, param_drops, prune
 from .checkpoint import CheckpointError, PathLike, _unwrap, check_state, read_checkpoint, with_module_versions
+from ..analysis.analyzer import module_label
 
 log = logging.getLogger("prunekit.io")
 
@@ -181,7 +182,7 @@ class _Solver:
 
     def _name(self, gid: int) -> str:
         g = self.graph.group(gid)
-        return f"group {gid} ({g.unit}s of {', '.join(g.modules[:2]) or '?'})"
+        return f"group {gid} ({g.unit}s of {', '.join(map(module_label, g.modules[:2])) or '?'})"
 
 
 

@@ -13,6 +13,7 @@ from ..analysis import spaces as C
 from ..analysis.analyzer import unit_indices
 from ..verify.check import PruningError, VerificationError, check_finite, compare_outputs, run_outputs
 from ..analysis.modules import after_surgery, module_attr  # module_attr: re-exported (prunekit.surgery.module_attr)
+from ..analysis.analyzer import module_label
 
 log = logging.getLogger("prunekit.surgery")
 
@@ -30,7 +31,7 @@ def normalize_plan(graph, plan: Plan) -> dict[int, torch.Tensor]:
         if u.numel() == 0:
             continue
         if not g.prunable:
-            raise PruningError(f"group {gid} ({', '.join(g.modules[:3])}) is not prunable: {g.reason}")
+            raise PruningError(f"group {gid} ({', '.join(map(module_label, g.modules[:3]))}) is not prunable: {g.reason}")
         if u.min() < 0 or u.max() >= g.size:
             raise PruningError(f"group {gid}: unit indices must be in [0, {g.size}), got {u.tolist()[:8]}")
         if u.numel() >= g.size:

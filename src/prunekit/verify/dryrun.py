@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
-from typing import Any, Callable, ContextManager
+from collections import Counter, defaultdict
+from typing import Any, Callable, ContextManager, Mapping
 
 import torch
 from torch import nn
@@ -129,6 +129,37 @@ def validate(graph, model: nn.Module, trial: Trial) -> list[int]:
                 msg, near = check(gids)
                 if msg:
                     bisect(gids, msg, near)
+        # a split whose sizes are computed from the input's width (``x.shape[-1] // 2``) fits any plan that
+        # shrinks its parts evenly (as the plans above may, by coincidence) and breaks when they shrink
+        # unevenly: one more plan moves each split's drops to its first parts; a split that fails it is
+        # pinned as a whole (every part's groups: pinning one part would still let the others shrink alone)
+        clusters = split_clusters(graph, plans[0], set(errors))
+        if clusters:
+            plan_all = {}
+            for _w, skew, _own in clusters:
+                plan_all.update(skew)
+            msg, _near = check(list(plan_all))
+            if msg:
+                todo = [clusters]
+                while todo:
+                    cl = todo.pop()
+                    if len(cl) == 1:
+                        where, _skew, members = cl[0]
+                        for i in members:
+                            errors.setdefault(i, f"{msg} (the part sizes of {where} follow the input's width, "
+                                                 "not its parts: they cannot shrink unevenly)")
+                        continue
+                    halves = (cl[:len(cl) // 2], cl[len(cl) // 2:])
+                    bad = []
+                    for h in halves:
+                        plan_all = {i: u for _w, sk, _o in h for i, u in sk.items()}
+                        m, _near = check(list(plan_all))
+                        if m:
+                            msg = m
+                            bad.append(h)
+                    if not bad:  # only their combination fails
+                        bad = [[c] for c in cl]
+                    todo.extend(bad)
     for gid, m in errors.items():
         g = graph.groups[gid]
         g.prunable = False
@@ -136,6 +167,44 @@ def validate(graph, model: nn.Module, trial: Trial) -> list[int]:
     if errors:
         log.info("dry run pinned %d group(s): %s", len(errors), sorted(errors))
     return sorted(errors)
+
+
+def split_clusters(graph, plan1: Mapping[int, torch.Tensor], skip: set[int]) -> list[tuple[str, dict, list[int]]]:
+    """(where, plan) for each split/narrow/slice whose parts hold prunable groups of their own in at least two
+    parts, and the ids of those groups: the plan drops about as many channels from the split input as ``plan1`` does, but front-loaded (the
+    first parts lose them, the last keep theirs; reversed if that is ``plan1``'s distribution)."""
+    ok = {g.leaf_id: g for g in graph.prunable_groups if g.id not in skip and g.id in plan1}
+    res, seen = [], set()
+    for where, parts in graph.analyzer.splits:
+        gparts = [list(dict.fromkeys(ok[s.id].id for s in C.leaves(p) if s.id in ok)) for p in parts]
+        count = Counter(i for p in gparts for i in p)
+        own = [(p, [i for i in gp if count[i] == 1]) for p, gp in zip(parts, gparts)]
+        own = [(p, gp) for p, gp in own if gp]
+        if len(own) < 2:
+            continue
+        key = tuple(tuple(gp) for _p, gp in own)
+        if key in seen:
+            continue
+        seen.add(key)
+
+        def part_drop(p, counts):
+            return C.layout_size(p) - C.kept_size(p, {graph.groups[i].leaf_id: n for i, n in counts.items()})
+
+        base = [part_drop(p, {i: len(plan1[i]) for i in gp}) for p, gp in own]
+        for order in (own, own[::-1]):
+            left, counts = sum(base), {}
+            for p, gp in order:
+                for i in gp:
+                    per = part_drop(p, {i: 1})
+                    n = min(graph.groups[i].size - 1, left // per) if per > 0 else 0
+                    if n > 0:
+                        counts[i] = n
+                        left -= n * per
+            got = [part_drop(p, {i: counts[i] for i in gp if i in counts}) for p, gp in own]
+            if got != base and counts:
+                res.append((where, {i: torch.arange(n) for i, n in counts.items()}, [i for k in key for i in k]))
+                break
+    return res
 
 
 def check_scales(graph, model: nn.Module, trial: Trial) -> list[int]:

@@ -27,6 +27,26 @@ def conv_macs(op, size, shape) -> int:
     return math.prod(size(out, d) for d in range(len(shape(out)))) * per_output
 
 
+def _group_split(lx, groups: int, per: int):
+    """(groups, channels per group) layouts of a grouped conv's input channels ``lx``.  A concatenation whose
+    pieces are whole blocks of groups (``cat([a, b])`` into ``groups=2``) splits too: each piece is (its groups x
+    the channels per group), the channels per group one space shared by all pieces, the groups a concatenation."""
+    try:
+        return C.split_sizes(lx, [groups, per])
+    except C.TieError:
+        terms = C.expand(lx)
+        if len(terms) < 2 or per < 1 or any(C.term_size(t) % per for t in terms):
+            raise
+    lcin = C.fresh(per)
+    gparts = []
+    for t in terms:
+        gp = C.fresh(C.term_size(t) // per)
+        if not C.tie(((t),), C.merge([gp, lcin]) if gp else lcin, "grouped convolution"):
+            raise C.TieError("reshape splits a concatenation of channel spaces")
+        gparts.append(gp)
+    return C.concat(gparts), lcin
+
+
 @rule("convolution", "_convolution", "conv2d", "conv1d", "conv3d", "cudnn_convolution", "mkldnn_convolution",
       "convolution_overrideable", "_slow_conv2d_forward", "thnn_conv2d", "conv_transpose2d", "conv_transpose1d",
       "conv_transpose3d", macs=conv_macs)
@@ -60,13 +80,13 @@ def convolution(A, op):
             lg = None
         else:
             if transposed:
-                lg, lcin = C.split_sizes(lx, [groups, xs[cdim] // groups])
+                lg, lcin = _group_split(lx, groups, xs[cdim] // groups)
                 lg2, lcin_w = C.split_sizes(A.lay(w, 0), [groups, ws[0] // groups])
                 C.tie(lcin, lcin_w, where)
                 C.tie(lg, lg2, where)
                 lout = C.merge([lg, A.lay(w, 1)])
             else:
-                lg, lcin = C.split_sizes(lx, [groups, xs[cdim] // groups])
+                lg, lcin = _group_split(lx, groups, xs[cdim] // groups)
                 C.tie(lcin, A.lay(w, 1), where)
                 lg2, lcout = C.split_sizes(A.lay(w, 0), [groups, ws[0] // groups])
                 C.tie(lg, lg2, where)

@@ -174,6 +174,9 @@ def _slice(A, op):
     try:
         A.set(out, dim, C.slice_layout(A.lay(x, dim), start, end))
         A.set_zero(out, dim, A.zero(x, dim))
+        lx = A.lay(x, dim)
+        A.splits.append((A.where(op), [C.slice_layout(lx, 0, start), C.slice_layout(lx, start, end),
+                                       C.slice_layout(lx, end, ish[dim])]))
     except C.TieError as e:
         msg = f"{A.where(op)}: {e}"
         C.pin(A.lay(x, dim), msg)
@@ -195,6 +198,7 @@ def _split(A, op):
     if by_size and len(set(sizes)) > 1:
         C.pin(A.lay(x, dim), f"{A.where(op)}: split/chunk into unequal parts {sizes} (sizes cannot follow pruning)")
     first = None
+    parts = []
     for out in outs:
         size = A.shape(out)[dim]
         for d in range(n):
@@ -204,6 +208,8 @@ def _split(A, op):
             part = C.slice_layout(A.lay(x, dim), pos, pos + size) if size != ish[dim] else A.lay(x, dim)
             A.set(out, dim, part)
             A.set_zero(out, dim, A.zero(x, dim))
+            if parts is not None:
+                parts.append(part)
             if by_size:
                 if first is None:
                     first = part
@@ -213,7 +219,10 @@ def _split(A, op):
             msg = f"{A.where(op)}: {e}"
             C.pin(A.lay(x, dim), msg)
             A.set(out, dim, C.fresh(size, msg))
+            parts = None
         pos += size
+    if parts and len(parts) > 1:
+        A.splits.append((A.where(op), parts))
 
 
 @rule("cat", "concat", "concatenate", structural=True)

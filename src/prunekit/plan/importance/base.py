@@ -24,6 +24,7 @@ from torch import nn
 
 from ...analysis.analyzer import Group, Member
 from ...analysis.modules import is_norm, module_attr, source_dim  # noqa: F401  (is_norm: re-exported here)
+from ...analysis.analyzer import module_label
 
 log = logging.getLogger("prunekit.importance")
 
@@ -280,7 +281,7 @@ class Criterion:
                 vecs.append(v.to(torch.float32).cpu())
         if not vecs:
             log.info("%s: group %d (%s) has no scorable parameter slice; scores are zero",
-                     self.name, group.id, ", ".join(group.modules[:3]))
+                     self.name, group.id, ", ".join(map(module_label, group.modules[:3])))
             return torch.zeros(group.size)
         return reduce_members(vecs, self.reduction)
 
