@@ -404,11 +404,14 @@ class Analyzer:
                     and all(p == _INTERLEAVED for s in C.leaves(l) for p in s.pins)]
             # another size attribute with the same value (e.g. num_heads == head_dim) makes the match ambiguous
             m = self.modules.get(mod)
-            ambiguous = any(k != attr and getattr(m, k, None) == getattr(m, attr, None) for k in attrs_of[mod])
-            want = "head_dim" if _names_head_dim(attr) else "head" if "head" in attr.lower() else None
+            rivals = [k for k in attrs_of[mod] if k != attr and getattr(m, k, None) == getattr(m, attr, None)]
+            ambiguous = bool(rivals)
+            want = _wanted_tag(attr)
             if ambiguous:  # equal values: only the reshapes whose spaces the name describes are tied (q/k and v
-                # head_dim sized by one ``self.head_dim``: one attribute, so one group, or a plan breaks the other)
-                same = [(i, l) for i, l in same if want and all(want in s.tags for s in C.leaves(l))]
+                # head_dim sized by one ``self.head_dim``: one attribute, so one group, or a plan breaks the other),
+                # and only when no rival's name describes them too (``key_dim == value_dim``: which sizes which?)
+                rival_wants = any(_wanted_tag(k) == want for k in rivals)
+                same = [(i, l) for i, l in same if want and not rival_wants and all(want in s.tags for s in C.leaves(l))]
             if len({i for i, _ in same}) > 1:
                 for i, l in same[1:]:
                     if l is not same[0][1]:
@@ -459,6 +462,11 @@ def pin_reason(pins: list[str]) -> str:
             if p not in out:
                 out.append(p)
     return "; ".join(out)
+
+
+def _wanted_tag(attr: str) -> str | None:
+    """The space tag a size attribute's name describes: "head_dim", "head" or None."""
+    return "head_dim" if _names_head_dim(attr) else "head" if "head" in attr.lower() else None
 
 
 def _names_head_dim(attr: str) -> bool:
