@@ -699,19 +699,52 @@ def _out_shapes(o: Any, acc: list) -> list:
 
 
 class _ShapeTrace(TorchDispatchMode):
-    """Records only (op name, output shapes) of each ATen call: the dry run's cheap re-capture."""
+    """Records only (op name, output shapes) of each ATen call: the dry run's cheap re-capture; with
+    ``scalars=True`` (op name, the Python numbers among its arguments) instead: the scale probe."""
 
-    def __init__(self):
+    def __init__(self, scalars: bool = False):
         super().__init__()
-        self.ops: list[tuple[str, list[tuple[int, ...]]]] = []
+        self.scalars = scalars
+        self.ops: list[tuple[str, list]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         info = _OPINFO.get(func) or _op_info(func)
         out = _meta_call(func, args, kwargs, info)
         if not info.skip:
-            self.ops.append((info.name, _out_shapes(out, [])))
+            if self.scalars:
+                flat, _ = tree_flatten((args, kwargs))
+                self.ops.append((info.name, [float(a) for a in flat
+                                             if isinstance(a, (int, float)) and not isinstance(a, bool)]))
+            else:
+                self.ops.append((info.name, _out_shapes(out, [])))
         return out
+
+
+class _SDPAScales(torch.overrides.TorchFunctionMode):
+    """Records the ``scale`` argument of each ``F.scaled_dot_product_attention`` call (None: the default)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scales: list[list] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            sc = kwargs.get("scale", args[6] if len(args) > 6 else None)
+            self.scales.append([float(sc) if isinstance(sc, (int, float)) else None])
+        return func(*args, **kwargs)
+
+
+def trace_scalars(model: nn.Module, example_inputs: Any, forward_fn: Callable | None = None):
+    """One forward (on meta inputs) of a model whose tensors live on meta: ``(ops, sdpa_scales)`` with
+    ``ops`` = ``[(ATen op name, Python numbers among its arguments), ...]`` (the ops :func:`trace_shapes`
+    lists) and the ``scale`` of each ``F.scaled_dot_product_attention`` call, as one-element lists."""
+    tr, sdpa = _ShapeTrace(scalars=True), _SDPAScales()
+    inputs = _meta_inputs(example_inputs)  # outside the trace: making them is not an op of the model
+    with preserved_modules(model), eval_mode(model), torch.no_grad(), _no_mha_fastpath(), sdpa, tr:
+        call_model(model, inputs, forward_fn)
+    return tr.ops, sdpa.scales
 
 
 def trace_shapes(model: nn.Module, example_inputs: Any, forward_fn: Callable | None = None, meta: bool = True):

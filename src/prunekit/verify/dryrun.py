@@ -22,7 +22,7 @@ from torch import nn
 
 from ..analysis import spaces as C
 from ..analysis.analyzer import Group
-from ..capture.tape import meta_view, tensor_view, trace_shapes
+from ..capture.tape import meta_view, tensor_view, trace_scalars, trace_shapes
 
 log = logging.getLogger("prunekit")
 
@@ -234,7 +234,7 @@ def check_scales(graph, model: nn.Module, trial: Trial) -> list[int]:
     probe = None
     try:
         with meta_view(model), trial(model, graph, plan):
-            probe = _trace_scalars(model, graph.example_inputs, graph.forward_fn)
+            probe = trace_scalars(model, graph.example_inputs, graph.forward_fn)
     except Exception as e:  # noqa: BLE001 - cannot tell: assume the scale follows the attribute
         log.debug("scale probe failed: %r", e)
     if probe is not None and ([n for n, _ in probe[0]] != [op.name for op in aten] or len(probe[1]) != len(sdpa)):
@@ -322,46 +322,6 @@ def groups_at(graph, op_index: int | None) -> set[int]:
                 if g is not None:
                     out.add(g.id)
     return out
-
-
-def _trace_scalars(model: nn.Module, example_inputs: Any, forward_fn: Callable | None):
-    """One forward's (ATen op name, Python numbers among its arguments) per op, and the ``scale`` argument of
-    each ``F.scaled_dot_product_attention`` call (as a one-element list; the scale probe)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    from ..capture.tape import _SKIP, _meta_inputs, _no_mha_fastpath, call_model, eval_mode
-
-    class _Trace(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops: list[tuple[str, list]] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func.overloadpacket.__name__ not in _SKIP:
-                flat, _ = tree_flatten((args, kwargs))
-                self.ops.append((str(func), [float(a) for a in flat
-                                             if isinstance(a, (int, float)) and not isinstance(a, bool)]))
-            return func(*args, **kwargs)
-
-    class _SDPA(torch.overrides.TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.scales: list[list] = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func is torch.nn.functional.scaled_dot_product_attention:
-                sc = kwargs.get("scale", args[6] if len(args) > 6 else None)
-                self.scales.append([float(sc) if isinstance(sc, (int, float)) else None])
-            return func(*args, **kwargs)
-
-    tr, fm = _Trace(), _SDPA()
-    inputs = _meta_inputs(example_inputs)
-    with eval_mode(model), torch.no_grad(), _no_mha_fastpath(), fm, tr:
-        call_model(model, inputs, forward_fn)
-    return tr.ops, fm.scales
 
 
 def dry_run_plan(groups: list[Group], second: bool = False) -> dict[int, torch.Tensor]:
