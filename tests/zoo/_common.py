@@ -21,6 +21,20 @@ def random_plan(graph, seed: int = 0, lo: float = 0.3, hi: float = 0.5) -> dict[
     return plan
 
 
+MARGIN = 0.01  # how far a model's prunable-FLOPs share may fall below its recorded figure
+
+
+def assert_share_floor(name: str, graph, floors: dict[str, float]) -> float:
+    """``graph.prunable_proportion`` is at least ``floors[name]`` minus MARGIN (a model not measured yet must
+    still have some prunable FLOPs): a model whose groups get pinned fails.  Returns the share."""
+    share, floor = graph.prunable_proportion, floors.get(name)
+    if floor is None:
+        assert share > 0, f"{name}: no prunable FLOPs"
+    else:
+        assert share >= floor - MARGIN, f"{name}: prunable FLOPs share {share:.4f}, was {floor:.4f}"
+    return share
+
+
 def call(model, x):
     if isinstance(x, dict):
         return model(**x)

@@ -6,7 +6,7 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-from ._common import prune_and_check  # noqa: E402
+from ._common import assert_share_floor, prune_and_check  # noqa: E402
 
 CI_MODELS = ["resnet18", "vit_tiny_patch16_224", "convnext_atto", "mobilenetv3_small_050", "efficientnet_b0",
              "swin_tiny_patch4_window7_224", "regnetx_002", "densenet121", "deit_tiny_patch16_224",
@@ -19,7 +19,6 @@ CI_MODELS = ["resnet18", "vit_tiny_patch16_224", "convnext_atto", "mobilenetv3_s
 # both were run), and the family representatives of benchmarks/results/coverage.json.  A model may not fall
 # below its figure by more than MARGIN: with every group pinned, or a family's stage pinned by a new op, the
 # test fails.  Models not listed (not measured yet) must still have some prunable FLOPs.
-MARGIN = 0.01
 PRUNABLE_FLOPS = {
     "aimv2_1b_patch14_224": 0.9988, "aimv2_1b_patch14_336": 0.9988, "aimv2_3b_patch14_224": 0.9992,
     "aimv2_3b_patch14_336": 0.9992, "beit3_base_patch16_224": 0.9999, "beit_base_patch16_224": 0.6349,
@@ -108,12 +107,7 @@ def _check(name: str):
         x = _small_input(name, cap=None)
     graph, _ = prune_and_check(model, x, factory=lambda: timm.create_model(name, pretrained=False))
     assert graph.groups
-    share = graph.prunable_proportion
-    floor = PRUNABLE_FLOPS.get(name)
-    if floor is None:
-        assert share > 0, f"{name}: no prunable FLOPs"
-    else:
-        assert share >= floor - MARGIN, f"{name}: prunable FLOPs share {share:.4f}, was {floor:.4f}"
+    assert_share_floor(name, graph, PRUNABLE_FLOPS)
     return graph
 
 

@@ -9,7 +9,7 @@ import torch
 
 tv = pytest.importorskip("torchvision")
 
-from ._common import prune_and_check  # noqa: E402
+from ._common import assert_share_floor, prune_and_check  # noqa: E402
 
 ALL = sorted(tv.models.list_models(module=tv.models))
 CI_SUBSET = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1",
@@ -21,7 +21,6 @@ SLOW_ONLY = [n for n in ALL if n not in CI_SUBSET]
 # graph.prunable_proportion (share of the model's FLOPs in prunable groups) of every torchvision model, measured
 # on the current code (torch 2.14.1; analysis only, the input of _input_for).  A model may not fall below its
 # figure by more than MARGIN, so a model whose groups all get pinned fails (the groups check alone passes then).
-MARGIN = 0.01
 PRUNABLE_FLOPS = {
     "alexnet": 0.9984, "convnext_base": 0.9994, "convnext_large": 0.9996, "convnext_small": 0.9991,
     "convnext_tiny": 0.9983, "densenet121": 0.9992, "densenet161": 0.9997, "densenet169": 0.9993,
@@ -61,8 +60,8 @@ def _check(name: str):
     x = _input_for(name)
     graph, plan = prune_and_check(model, x, factory=lambda: _build(name))
     assert graph.prunable_groups, f"{name}: no prunable group"
-    share, floor = graph.prunable_proportion, PRUNABLE_FLOPS[name]
-    assert share >= floor - MARGIN, f"{name}: prunable FLOPs share {share:.4f}, was {floor:.4f}"
+    assert name in PRUNABLE_FLOPS, f"{name}: no recorded prunable-FLOPs figure"
+    assert_share_floor(name, graph, PRUNABLE_FLOPS)
     return graph
 
 

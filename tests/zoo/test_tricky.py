@@ -21,6 +21,8 @@ from torch import nn
 import prunekit as pk
 from prunekit.capture import flatten_outputs
 
+from ._common import call
+
 try:
     from .tricky_models import TRICKY, MatmulAttention, SDPAAttention
 except ImportError:  # pragma: no cover - tests/zoo is not a package
@@ -30,14 +32,6 @@ NAMES = sorted(TRICKY)
 
 
 # ---------------------------------------------------------------- helpers
-def call(model, inputs):
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
 def flat(out):
     """Flatten a model output into [(path, tensor)] (the library's own output flattening)."""
     tensors, paths = flatten_outputs(out)
