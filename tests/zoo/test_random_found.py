@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import prunekit as pk
@@ -17,7 +16,7 @@ from prunekit.surgery.apply import pruned_copy
 try:
     from ._common import assert_same_outputs, assert_state_unchanged, roundtrip, run, snapshot
 except ImportError:  # pragma: no cover - tests/zoo is not a package
-    from _common import assert_same_outputs, assert_state_unchanged, roundtrip, run, snapshot
+    from _common import assert_same_outputs, roundtrip, run
 
 
 def _zeroed(model, graph, plan):
