@@ -39,7 +39,7 @@ from typing import Any, Callable, Mapping, Union
 
 from torch import nn
 
-__all__ = ["ModuleSpec", "register_module", "unregister_module", "spec_of", "registered", "source_dim", "in_dim",
+__all__ = ["ModuleSpec", "register_module", "register_module_by_name", "unregister_module", "spec_of", "registered", "source_dim", "in_dim",
            "is_norm", "module_attr", "attr_source", "after_surgery"]
 
 AttrSource = Union[tuple, Callable[[nn.Module], "tuple | None"]]
@@ -97,6 +97,9 @@ class ModuleSpec:
 
 _REGISTRY: dict[type, ModuleSpec] = {}
 _CACHE: dict[type, ModuleSpec | None] = {}
+# specs of classes named by ``"module.QualName"`` (third-party layers such as transformers' ``Conv1D``): looked up
+# by name while walking an MRO, so the library defining the class is never imported to register it
+_BY_NAME: dict[str, ModuleSpec] = {}
 _LOCK = threading.Lock()
 
 
@@ -154,9 +157,30 @@ def spec_of(module: nn.Module | type | None) -> ModuleSpec | None:
         return _CACHE[cls]
     except KeyError:
         pass
-    found = next((_REGISTRY[c] for c in cls.__mro__ if c in _REGISTRY), None)
+    found = None
+    for c in cls.__mro__:
+        if c in _REGISTRY:
+            found = _REGISTRY[c]
+            break
+        if _BY_NAME:
+            named = _BY_NAME.get(f"{c.__module__}.{c.__qualname__}")
+            if named is not None:
+                found = named
+                break
     _CACHE[cls] = found
     return found
+
+
+def register_module_by_name(qualified: str, spec: ModuleSpec | None = None, **fields) -> ModuleSpec:
+    """Register the spec of a class named ``"package.module.QualName"`` without importing it (a layer of an
+    optional library: transformers' ``Conv1D``).  A class registered with :func:`register_module` wins over
+    a name registration in the same place of the MRO."""
+    if spec is None:
+        spec = ModuleSpec(**fields)
+    with _LOCK:
+        _BY_NAME[qualified] = spec
+        _CACHE.clear()
+    return spec
 
 
 def source_dim(module: nn.Module | None) -> int | None:
@@ -257,4 +281,27 @@ def _register_torch() -> None:
     register_module(nn.PReLU, attrs={"num_parameters": ("weight", 0)}, after_surgery=_prelu_after)
 
 
+def _conv1d_after(m: nn.Module, sliced: frozenset) -> dict[str, Any]:
+    return {"nf": m.weight.shape[1], "nx": m.weight.shape[0]}
+
+
+def _gpt2_attn_after(m: nn.Module, sliced: frozenset) -> dict[str, Any]:
+    hd = getattr(m, "head_dim", 0)
+    if type(hd) is int and hd > 0 and type(getattr(m, "split_size", None)) is int and m.split_size % hd == 0:
+        return {"num_heads": m.split_size // hd}
+    return {}
+
+
+def _register_transformers() -> None:
+    # transformers' GPT-2/GPT/Transfo-XL "Conv1D": a linear layer with a transposed weight (in, out) and bias (out,);
+    # forward reads ``self.nf`` for the output view
+    register_module_by_name("transformers.pytorch_utils.Conv1D", out_dim=1, in_dim=0, act_dim=-1, infer_attrs=False,
+                            attrs={"nf": ("weight", 1), "nx": ("weight", 0)}, after_surgery=_conv1d_after)
+    # GPT-2 attention: the fused c_attn output is split by ``self.split_size`` (the q width = heads x head_dim,
+    # which c_proj's input rows hold); num_heads follows (forward views with -1 heads, so only for the record)
+    register_module_by_name("transformers.models.gpt2.modeling_gpt2.GPT2Attention", after_surgery=_gpt2_attn_after,
+                            attrs={"split_size": ("c_proj.weight", 0), "embed_dim": ("c_proj.weight", 0)})
+
+
 _register_torch()
+_register_transformers()
