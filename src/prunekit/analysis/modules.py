@@ -281,27 +281,6 @@ def _register_torch() -> None:
     register_module(nn.PReLU, attrs={"num_parameters": ("weight", 0)}, after_surgery=_prelu_after)
 
 
-def _conv1d_after(m: nn.Module, sliced: frozenset) -> dict[str, Any]:
-    return {"nf": m.weight.shape[1], "nx": m.weight.shape[0]}
-
-
-def _gpt2_attn_after(m: nn.Module, sliced: frozenset) -> dict[str, Any]:
-    hd = getattr(m, "head_dim", 0)
-    if type(hd) is int and hd > 0 and type(getattr(m, "split_size", None)) is int and m.split_size % hd == 0:
-        return {"num_heads": m.split_size // hd}
-    return {}
-
-
-def _register_transformers() -> None:
-    # transformers' GPT-2/GPT/Transfo-XL "Conv1D": a linear layer with a transposed weight (in, out) and bias (out,);
-    # forward reads ``self.nf`` for the output view
-    register_module_by_name("transformers.pytorch_utils.Conv1D", out_dim=1, in_dim=0, act_dim=-1, infer_attrs=False,
-                            attrs={"nf": ("weight", 1), "nx": ("weight", 0)}, after_surgery=_conv1d_after)
-    # GPT-2 attention: the fused c_attn output is split by ``self.split_size`` (the q width = heads x head_dim,
-    # which c_proj's input rows hold); num_heads follows (forward views with -1 heads, so only for the record)
-    register_module_by_name("transformers.models.gpt2.modeling_gpt2.GPT2Attention", after_surgery=_gpt2_attn_after,
-                            attrs={"split_size": ("c_proj.weight", 0), "embed_dim": ("c_proj.weight", 0)})
-
-
 _register_torch()
-_register_transformers()
+
+from . import hf_layers as _hf_layers  # noqa: E402,F401  transformers layers, registered by name (no import)
