@@ -109,7 +109,7 @@ def _register() -> None:
                             attrs={"split_size": ("c_proj.weight", 0), "embed_dim": ("c_proj.weight", 0)})
     register_module_by_name("transformers.models.phi3.modeling_phi3.Phi3Attention", after_surgery=_phi3_attn_after)
     register_module_by_name("transformers.models.t5.modeling_t5.T5Attention", after_surgery=_t5_attn_after,
-                            attrs={"inner_dim": ("o.weight", 1)})
+                            attrs={"inner_dim": ("o.weight", 1)}, factory_attrs=("n_heads",))
 
 
 _register()

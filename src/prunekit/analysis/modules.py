@@ -85,6 +85,7 @@ class ModuleSpec:
     act_dim: int | None = None
     infer_attrs: bool = True
     after_surgery: Callable[[nn.Module, frozenset], Mapping[str, Any]] | None = None
+    factory_attrs: tuple = ()
 
     def __post_init__(self) -> None:
         for name, src in dict(self.attrs).items():

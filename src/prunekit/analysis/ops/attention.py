@@ -65,9 +65,14 @@ def sdpa(A, op):
         for d in range(min(len(os_), nq - 2)):
             if os_[d] == A.shape(q)[d]:
                 A.copy_dim(q, d, o, d)
-    mask = op.arg("attn_mask", op.arg("attn_bias")) if "flash" not in op.packet else None
+    mask = op.arg("attn_mask", op.arg("attn_bias"))  # flash-for-CPU takes attn_mask too (keyword)
     if isinstance(mask, TRef):
-        C.pin(A.lay(mask, len(A.shape(mask)) - 1), f"{where}: attention mask")
+        ms = A.shape(mask)
+        for k in range(len(ms) - 2):  # a per-head additive mask (T5's position bias): its heads are q's heads
+            d = k + (nq - len(ms))
+            if d >= 0 and ms[k] == A.shape(q)[d] and ms[k] > 1:
+                C.tie(A.lay(mask, k), A.lay(q, d), where)
+        C.pin(A.lay(mask, len(ms) - 1), f"{where}: attention mask")
 
 
 register_many(("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
