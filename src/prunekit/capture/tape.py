@@ -317,8 +317,21 @@ def call_model(model: nn.Module, example_inputs: Any, forward_fn: Callable | Non
     return model(*args, **kwargs)
 
 
+# fields a transformers ``ModelOutput`` returns without being asked for, beside the main output: the encoder's last
+# hidden state of an encoder-decoder model (the logits depend on it) and the KV cache.  They are not model outputs for
+# prunekit (not pinned, not compared by verification).  Fields a user asks for (``output_hidden_states=True``,
+# ``output_attentions=True``) and the main outputs (logits, last_hidden_state, pooler_output, loss) stay outputs; a
+# forward_fn returning a field makes it an output again.
+HF_AUXILIARY_OUTPUTS = frozenset({"encoder_last_hidden_state", "past_key_values"})
+
+
+def _is_hf_model_output(x: Any) -> bool:
+    return any(c.__name__ == "ModelOutput" and c.__module__.startswith("transformers.") for c in type(x).__mro__)
+
+
 def flatten_outputs(out: Any) -> tuple[list[torch.Tensor], list[str]]:
-    """Flatten a model output (tensor, tuple, dict, dataclass-like) into tensors with paths."""
+    """Flatten a model output (tensor, tuple, dict, dataclass-like) into tensors with paths.  Of a transformers
+    ``ModelOutput``, the auxiliary fields in :data:`HF_AUXILIARY_OUTPUTS` are left out."""
     res: list[torch.Tensor] = []
     paths: list[str] = []
 
@@ -327,8 +340,10 @@ def flatten_outputs(out: Any) -> tuple[list[torch.Tensor], list[str]]:
             res.append(x)
             paths.append(path or "output")
         elif isinstance(x, dict):
+            skip = HF_AUXILIARY_OUTPUTS if _is_hf_model_output(x) else ()
             for k, v in x.items():
-                rec(v, f"{path}[{k!r}]")
+                if k not in skip:
+                    rec(v, f"{path}[{k!r}]")
         elif isinstance(x, (list, tuple)):
             for i, v in enumerate(x):
                 rec(v, f"{path}[{i}]")
