@@ -11,6 +11,7 @@ from .plan import importance
 from .algorithms import (AdaptivePruner, ChannelRatio, FlopsTarget, LatencyTarget, LearnedPruner, LearnedPruning,
                          ParamsTarget, Pruner, SlicePruner, SlicePruning, TrainingPruner, keep_masked, masked_to_pruned,
                          rebuild_optimizer)
+from .algorithms import DepthPruner, DepthResult, DistillResult, distill
 from .capture import CaptureError
 from .graph import PruneGraph, analyze
 from .plan.importance import Criterion, get_criterion
@@ -41,6 +42,8 @@ __all__ = [
     # training-time pruning, learned gates, slices, adaptive search
     "TrainingPruner", "keep_masked", "masked_to_pruned", "rebuild_optimizer", "LearnedPruner", "SlicePruner",
     "AdaptivePruner", "LearnedPruning", "SlicePruning",  # deprecated names of LearnedPruner, SlicePruner
+    # depth pruning, recovery
+    "DepthPruner", "DepthResult", "DistillResult", "distill",
     "__version__",
 ]
 

@@ -14,6 +14,7 @@ from ..analysis.analyzer import unit_indices
 from ..verify.check import PruningError, VerificationError, check_finite, compare_outputs, run_outputs
 from ..analysis.modules import after_surgery, module_attr  # module_attr: re-exported (prunekit.surgery.module_attr)
 from ..analysis.analyzer import module_label
+from .blocks import renumber_state_keys, replay_blocks_step
 
 log = logging.getLogger("prunekit.surgery")
 
@@ -122,6 +123,8 @@ class _Undo:
                 _sync_rnn_flat_weights(mod, attr, old)
             elif kind == "b":
                 mod._buffers[attr] = old
+            elif kind == "m":  # a container's children (depth surgery, surgery/blocks.py)
+                mod._modules = old
             else:
                 setattr(mod, attr, old)
         self.items.clear()
@@ -378,6 +381,9 @@ def replay_record(model: nn.Module, record: list[Mapping]) -> nn.Module:
     undo = _Undo()
     try:
         for k, step in enumerate(record):
+            if "blocks" in step:  # whole blocks removed (surgery/blocks.py)
+                replay_blocks_step(model, step, undo, k)
+                continue
             replaced: dict[int, torch.Tensor] = {}
             for fqn, dims in _step_tensors(step).items():
                 try:
@@ -416,6 +422,9 @@ def slice_state_dict(state: Mapping[str, torch.Tensor], record: list[Mapping]) -
     ``record`` pruned the model; keys the record does not mention are returned unchanged."""
     out = dict(state)
     for step in record:
+        if "blocks" in step:
+            out = renumber_state_keys(out, step)
+            continue
         for fqn, dims in _step_tensors(step).items():
             if fqn in out:
                 out[fqn] = slice_tensor(out[fqn], dims, "remove")

@@ -22,18 +22,18 @@ rewinding ``rewind_init.pt`` / ``rewind_early.pt`` (the weights rewound to).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 from torch import nn
 
 from ..._callbacks import callback as _callback
 from ...io.checkpoint import canonical_json as _canon, check_state, model_fingerprint
+from ...runs.progress import metric_value as _metric, progress_bar as _progress_bar
 from ...runs.workdir import ResumeError, Workdir, model_info
 from ...surgery import RECORD_ATTR, slice_state_dict
 from .base import LotteryTicket, Schedule, get_schedule
@@ -87,21 +87,6 @@ def _rewind(model: nn.Module, snap: Mapping[str, Any]) -> None:
                            "Was the model changed outside the pruner between steps?") from None
 
 
-def _metric(value: Any) -> float | dict[str, float] | None:
-    """``eval_fn``'s result as JSON-able numbers."""
-    def num(v: Any, what: str) -> float:
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
-            v = v.item()
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"eval_fn must return a number or a dict of numbers; {what} is {type(v).__name__}")
-        return float(v)
-    if value is None:
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): num(v, f"value {k!r}") for k, v in value.items()}
-    return num(value, "the result")
-
-
 def _target_info(target: Any) -> dict[str, Any]:
     return {"type": type(target).__name__, "kind": target.kind, "ratio": float(target.ratio),
             "sparsity": float(target.sparsity)}
@@ -111,38 +96,6 @@ def _pruner_info(pruner: Any) -> dict[str, Any]:
     return {"criterion": getattr(pruner.criterion, "name", type(pruner.criterion).__name__),
             "global_pruning": pruner.global_pruning, "round_to": pruner.round_to, "max_ratio": pruner.max_ratio,
             "ignore": list(pruner.ignore), "ratios": dict(pruner.ratios), "prune_outputs": bool(pruner.prune_outputs)}
-
-
-@contextlib.contextmanager
-def _progress_bar(enabled: bool, total: int, done: int, desc: str) -> Iterator[Callable[[str], None]]:
-    """An ``advance(text)`` function drawing a bar with rich (on stderr) or tqdm when installed, else nothing."""
-    if enabled:
-        try:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        except ImportError:
-            pass
-        else:
-            cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-            with Progress(*cols, console=Console(stderr=True)) as bar:
-                task = bar.add_task(desc, total=total, completed=done)
-                yield lambda text: bar.update(task, advance=1, description=f"{desc} {text}")
-            return
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            pass
-        else:
-            bar = tqdm(total=total, initial=done, desc=desc)
-            try:
-                def advance(text: str) -> None:
-                    bar.set_postfix_str(text)
-                    bar.update(1)
-                yield advance
-            finally:
-                bar.close()
-            return
-    yield lambda text: None
 
 
 # ---------------------------------------------------------------- resume
