@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,7 +172,7 @@ def sync_config(model: nn.Module) -> ConfigSync:
     """Update ``model.config`` (the text config of a multimodal model) from the modules and return what was found.
 
     Sets ``hidden_size``, ``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``
-    (always explicit, so ``hidden_size`` need not be ``heads x head_dim``) and, for MoE,
+    (explicit where it does not follow from ``hidden_size // num_attention_heads``) and, for MoE,
     ``num_local_experts`` / ``num_experts``, ``moe_intermediate_size``, ``shared_expert_intermediate_size`` --
     each only where the config has the key (``head_dim``: also where it would not follow from the others) and
     the value is the same in every layer.  Widths that differ per layer are reported in ``per_layer``.
@@ -214,7 +213,3 @@ def after_prune(model: nn.Module) -> None:
         object.__setattr__(model, BASE_ATTR, copy.deepcopy(model.config.to_dict()))
     sync_config(model)
 
-
-def layer_pattern(name: str) -> str:
-    """``model.layers.3.mlp`` -> ``model.layers.*.mlp``: the name of a repeated block's module."""
-    return re.sub(r"\.\d+(?=\.|$)", ".*", name)
