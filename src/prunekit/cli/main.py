@@ -511,7 +511,7 @@ def _hf_report(model, save_dir: str | None) -> dict[str, Any]:
         except pk.hf.HFSaveError as e:
             raise CLIError(str(e), FAILURE) from None
     sync = pk.hf.sync_config(model)
-    return {"config": sync.values, "changed": {k: list(v) for k, v in sync.changed.items()},
+    return {"config": sync.values, "changed": {k: list(v) for k, v in pk.hf.changes(model).items()},
             "per_layer": sync.per_layer, "saved_pretrained": save_dir,
             "plain_from_pretrained": None if not save_dir else not (Path(save_dir) / "prunekit.json").exists()}
 

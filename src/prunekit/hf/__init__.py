@@ -5,8 +5,8 @@
     pk.hf.save_pretrained(model, "out", tokenizer)
     AutoModelForCausalLM.from_pretrained("out")      # uniform widths; otherwise pk.hf.from_pretrained("out")
 """
-from .config import ConfigSync, after_prune, derive, sync_config
+from .config import ConfigSync, after_prune, changes, derive, sync_config
 from .io import HFSaveError, config_gaps, from_pretrained, save_pretrained
 
-__all__ = ["ConfigSync", "HFSaveError", "after_prune", "config_gaps", "derive", "from_pretrained",
+__all__ = ["ConfigSync", "HFSaveError", "after_prune", "changes", "config_gaps", "derive", "from_pretrained",
            "save_pretrained", "sync_config"]

@@ -207,6 +207,15 @@ def sync_config(model: nn.Module) -> ConfigSync:
     return res
 
 
+def changes(model: nn.Module) -> dict[str, tuple[Any, Any]]:
+    """``{key: (value before the first prune, value now)}`` of the keys :func:`sync_config` derives."""
+    base = getattr(model, BASE_ATTR, None) or {}
+    if text_config(model.config) is not model.config and isinstance(base.get("text_config"), dict):
+        base = base["text_config"]
+    now = derive(model).values
+    return {k: (base.get(k), v) for k, v in now.items() if k in base and base.get(k) != v}
+
+
 def after_prune(model: nn.Module) -> None:
     """The post-prune hook: remember the config the pruning record starts from, then sync the config."""
     if getattr(model, BASE_ATTR, None) is None:
