@@ -274,7 +274,8 @@ def _check_prune_options(args) -> Any:
         raise CLIError("prune needs a target: --ratio R (fraction of units removed), --flops-target F "
                        "(fraction of FLOPs kept) or --params-target P (fraction of parameters kept)")
     if len(given) > 1:  # only possible through a config file
-        raise CLIError(f"give one of {', '.join(_where(args, d) for d in given)}, not several")
+        raise CLIError(f"give either {' or '.join(_where(args, d) for d in given)}, not "
+                       f"{'both' if len(given) == 2 else 'several'}")
     checks = [
         ("ratio", args.ratio is None or 0.0 <= args.ratio < 1.0, "must be in [0, 1) (the fraction of units removed)"),
         ("flops_target", args.flops_target is None or 0.0 < args.flops_target <= 1.0,
