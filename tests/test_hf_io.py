@@ -252,3 +252,20 @@ def test_cli_params_target_uniform_save_pretrained(tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0 and f"intermediate_size {hf['config']['intermediate_size']} (was 128)" in text
     assert "Kept: heads" in text
+
+
+@pytest.mark.parametrize("arch,big,small", [
+    ("MixtralConfig", dict(num_local_experts=4, intermediate_size=128),
+     dict(num_local_experts=3, intermediate_size=96)),
+    ("Qwen2MoeConfig", dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48),
+     dict(num_experts=2, moe_intermediate_size=24, shared_expert_intermediate_size=40)),
+])
+def test_sync_config_reads_moe_widths_from_the_modules(arch, big, small):
+    # modules of the smaller MoE under the bigger one's config: every value comes from the module shapes
+    kw = dict(BASE, num_hidden_layers=2, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    m = tf.AutoModelForCausalLM.from_config(getattr(tf, arch)(**{**kw, **small}))
+    m.config = getattr(tf, arch)(**{**kw, **big})
+    sync = pk.hf.sync_config(m)
+    assert {k: getattr(m.config, k) for k in small} == small
+    assert set(sync.changed) == set(small) and sync.uniform

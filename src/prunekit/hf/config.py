@@ -101,7 +101,7 @@ def layer_values(layer: nn.Module, cfg) -> dict[str, int]:
     if attn is not None:
         hd = getattr(attn, "head_dim", None)
         hd = hd if isinstance(hd, int) and not isinstance(hd, bool) else getattr(cfg, "head_dim", None)
-        o_in = _width(_child(attn, "o_proj", "out_proj", "dense"), "in")
+        o_in = _width(_child(attn, "o_proj", "out_proj", "dense", "c_proj"), "in")
         q_out = _width(_child(attn, "q_proj"), "out")
         k_out = _width(_child(attn, "k_proj"), "out")
         qkv_out = _width(_child(attn, "qkv_proj"), "out")
@@ -181,7 +181,7 @@ def sync_config(model: nn.Module) -> ConfigSync:
     cfg = text_config(model.config)
     res = derive(model)
     for k, v in res.values.items():
-        if not hasattr(cfg, k):
+        if not hasattr(cfg, k) or (k == "head_dim" and getattr(cfg, k) is None):
             if k != "head_dim":
                 continue
             # models without the key read getattr(config, "head_dim", hidden // heads): set it where that differs
@@ -189,8 +189,9 @@ def sync_config(model: nn.Module) -> ConfigSync:
             heads = res.values.get("num_attention_heads", getattr(cfg, "num_attention_heads", None))
             if isinstance(hidden, int) and isinstance(heads, int) and heads and hidden // heads == v:
                 continue
+            old = getattr(cfg, k, None)
             _set(cfg, k, v)
-            res.changed[k] = (None, v)
+            res.changed[k] = (old, v)
             continue
         old = getattr(cfg, k)
         if old != v:
