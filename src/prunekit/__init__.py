@@ -68,3 +68,31 @@ def _old_module_paths() -> None:
 
 
 _old_module_paths()
+
+
+def _hf_after_prune(model) -> None:
+    """After a prune: a transformers model's config follows its modules (``prunekit.hf.sync_config``).
+    Nothing happens unless transformers is already imported (the core never imports it)."""
+    import sys
+    tf = sys.modules.get("transformers")
+    if tf is None:
+        return
+    try:
+        base = tf.PreTrainedModel
+    except Exception:  # transformers disabled its PyTorch models (too old a torch)
+        return
+    if isinstance(model, base):
+        from .hf import after_prune
+        after_prune(model)
+
+
+from .surgery import register_post_prune_hook as _register_post_prune_hook  # noqa: E402
+
+_register_post_prune_hook(_hf_after_prune)
+
+
+def __getattr__(name: str):
+    if name == "hf":  # ``pk.hf``: imported on first use (it imports transformers)
+        import importlib
+        return importlib.import_module(f"{__name__}.hf")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,7 +37,7 @@ def test_unit_step_counts_the_channels_a_unit_spans():
     assert unit_step(grp("group", ("a", (16,), 0)), 8) == 8  # depthwise: one channel per unit
     assert unit_step(grp("group", ("a", (16, 2), 0), ("b", (16, 2), 0)), 8) == 4  # 2 channels per unit
     assert unit_step(grp("head_dim", ("q", (12, 16), 1)), 8) == 2  # width = 12 heads x head_dim
-    assert unit_step(grp("head", ("q", (4, 6), 0)), 8) == 1  # whole heads are not rounded
+    assert unit_step(grp("head", ("q", (4, 6), 0)), 8) == 4  # heads are rounded too: 4 heads x 6 = 24
     assert unit_step(grp("group", ("a", (16, 2), 0), ("w", (16,), 0)), 8) == 8  # lcm over members
     assert unit_step(grp("group", ("a", (16,), 0)), 1) == 1
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
@@ -40,6 +41,7 @@ class _Slot:
     min_keep: int
     step: int  # kept units are a multiple of this (see unit_step: kept widths are multiples of round_to)
     ratio: float | None  # per-module ratio override (final channel ratio)
+    cls: tuple = ()  # uniform pruning: slots with the same class keep the same number of units
 
     @property
     def cur(self) -> int:
@@ -58,8 +60,9 @@ def unit_step(g: Group, round_to: int) -> int:
     A unit of a member dim spans ``prod(sizes) / sizes[pos]`` indices (1 for a channel or a depthwise
     conv's group, the channels per group of a grouped conv, the number of heads for a head_dim unit): the
     kept count must make ``kept x span`` a multiple of ``round_to`` in every member, i.e. a multiple of
-    ``round_to / gcd(round_to, span)`` for each of them (their lcm).  Head units are not rounded (1)."""
-    if round_to <= 1 or g.unit == "head":
+    ``round_to / gcd(round_to, span)`` for each of them (their lcm).  Every unit kind is rounded: a head spans
+    head_dim indices (4 heads of 16 with ``round_to=64``), a kv head its query group too."""
+    if round_to <= 1:
         return 1
     step = 1
     for m in g.members:
@@ -94,6 +97,10 @@ class Pruner:
         attention: where an attention has both a heads group and a head_dim group, prune "head_dim" (keep
             every head, narrower heads; the default, as Torch-Pruning does), "heads" (drop whole heads) or
             "both" (both factors are ranked and pruned: with a channel ratio the widths compound).
+        uniform: every repeated block gets the same widths -- groups whose modules differ only in a layer index
+            (``layers.3.mlp`` ~ ``layers.*.mlp``), with the same unit kind and size, keep the same number of
+            units (each layer still keeps its own best units), so a transformers config can describe the
+            result (``pk.hf.save_pretrained`` then writes a directory plain ``from_pretrained`` loads).
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any = None, criterion: Any = "l2", target: Any = 0.5, *,
@@ -101,7 +108,7 @@ class Pruner:
                  max_ratio: float = 1.0, ratios: Mapping[Any, float] | None = None,
                  ignore: Iterable[Any] | None = None, data: Any = None, loss_fn: Callable | None = None,
                  prune_outputs: bool = False, verify: bool = True, criterion_kwargs: Mapping | None = None,
-                 attention: str = "head_dim"):
+                 attention: str = "head_dim", uniform: bool = False):
         from ..plan.importance import get_criterion
 
         if not isinstance(model, nn.Module):
@@ -115,6 +122,7 @@ class Pruner:
         if attention not in ("head_dim", "heads", "both"):
             raise ValueError(f"attention must be 'head_dim', 'heads' or 'both', got {attention!r}")
         self.attention = attention
+        self.uniform = bool(uniform)
         self.model = model
         self.example_inputs = example_inputs
         self.forward_fn = forward_fn
@@ -138,10 +146,14 @@ class Pruner:
         self._graph: PruneGraph | None = None
         g0 = self.graph
         self._orig = {group_key(g): g.size for g in g0.groups}
+        self._orig_units: dict[str, int] = {}  # prunable units of the original model per unit kind (summary)
+        for g in g0.prunable_groups:
+            self._orig_units[g.unit] = self._orig_units.get(g.unit, 0) + g.size
         self.base_macs = g0.macs()
         self.base_params = g0.params_kept({})
         self._base_latency: float | None = None
         self.history: list[dict] = []
+        self._removed: dict[str, int] = {}  # units removed by this pruner, per unit kind (summary)
 
     # ------------------------------------------------------------------ state
     @property
@@ -168,6 +180,8 @@ class Pruner:
             step = unit_step(g, self.round_to)
             s = _Slot(g, orig, min_keep, step, ratio)
             s.min_keep = min(s.round_keep(min_keep), g.size)
+            if self.uniform:
+                s.cls = (g.unit, orig, g.size, step, tuple(sorted({_block_pattern(m) for m in mods})))
             out.append(s)
         if self.attention != "both":
             # heads x head_dim of one attention are two groups over the same weights: a local ratio applied to
@@ -211,6 +225,8 @@ class Pruner:
             return {}
         scores = self.scores([sl.group for sl in slots])
         kept = self._kept_for(slots, scores, s)
+        if self.uniform:
+            kept = self._uniform(slots, kept)
         plan = {}
         for sl in slots:
             n = sl.cur - kept[sl.group.id]
@@ -220,7 +236,10 @@ class Pruner:
 
     def _kept_for(self, slots: list[_Slot], scores: dict[int, torch.Tensor], s: float) -> dict[int, int]:
         t = self.target
-        knob = self._global_knob(slots, scores) if self.global_pruning else self._local_knob(slots, s)
+        if self.global_pruning:
+            knob = self._uniform_global_knob(slots, scores) if self.uniform else self._global_knob(slots, scores)
+        else:
+            knob = self._local_knob(slots, s)
         if t.kind == "channels":
             if self.global_pruning:
                 total = sum(sl.orig for sl in slots)
@@ -267,14 +286,15 @@ class Pruner:
         """One shared ratio lands up to a rounding step below the goal; give single steps back (largest
         groups first, each group at most once) while the computed cost stays within the goal."""
         kept = dict(kept)
-        for sl in sorted(slots, key=lambda x: -x.orig):
-            gid = sl.group.id
-            more = min(sl.cur, kept[gid] + sl.step)
-            if more > kept[gid]:
-                trial = dict(kept)
-                trial[gid] = more
-                if value(trial) <= goal:
-                    kept = trial
+        classes: dict[tuple, list[_Slot]] = {}
+        for sl in slots:  # uniform pruning: a class (one width repeated in every block) gives back together
+            classes.setdefault(sl.cls if sl.cls else (id(sl),), []).append(sl)
+        for members in sorted(classes.values(), key=lambda c: -sum(x.orig for x in c)):
+            trial = dict(kept)
+            for sl in members:
+                trial[sl.group.id] = min(sl.cur, kept[sl.group.id] + sl.step)
+            if trial != kept and value(trial) <= goal:
+                kept = trial
         return kept
 
     def _local_knob(self, slots: list[_Slot], s: float):
@@ -316,6 +336,82 @@ class Pruner:
             return {sl.group.id: sl.round_keep(sl.cur - removed[k]) for k, sl in enumerate(slots)}
         knob.hi, knob.continuous = len(owner), False
         return knob
+
+    def _classes(self, slots: list[_Slot]) -> list[list[_Slot]]:
+        classes: dict[tuple, list[_Slot]] = {}
+        for sl in slots:
+            classes.setdefault(sl.cls, []).append(sl)
+        return list(classes.values())
+
+    def _uniform(self, slots: list[_Slot], kept: dict[int, int]) -> dict[int, int]:
+        """One kept count per class (the largest any member got: targets stay met)."""
+        out = dict(kept)
+        for members in self._classes(slots):
+            k = max(kept[sl.group.id] for sl in members)
+            for sl in members:
+                out[sl.group.id] = min(sl.cur, k)
+        return out
+
+    def _uniform_global_knob(self, slots: list[_Slot], scores: dict[int, torch.Tensor]):
+        """Global ranking over classes: the r-th weakest unit of a class scores the mean (over its blocks) of each
+        block's r-th weakest normalised score; removing it removes one unit from every block of the class."""
+        classes = self._classes(slots)
+        vals, owners = [], []
+        for k, members in enumerate(classes):
+            per = []
+            for sl in members:
+                sc = scores[sl.group.id].float()
+                if getattr(self.criterion, "normalize", None) is None:
+                    sc = sc / sc.abs().mean().clamp_min(1e-12)
+                per.append(torch.sort(sc).values)
+            vals.append(torch.stack(per).mean(0))
+            owners.append(torch.full((members[0].cur,), k, dtype=torch.long))
+        order = torch.argsort(torch.cat(vals), stable=True)
+        owner = torch.cat(owners)[order].tolist()
+
+        def knob(n: int) -> dict[int, int]:
+            removed = [0] * len(classes)
+            cap = [max(sl.cur - sl.min_keep for sl in c) for c in classes]
+            left = int(n)
+            for k in owner:
+                if left <= 0:
+                    break
+                if removed[k] < cap[k]:
+                    removed[k] += 1
+                    left -= 1
+            return {sl.group.id: sl.round_keep(sl.cur - removed[k]) for k, c in enumerate(classes) for sl in c}
+        knob.hi, knob.continuous = len(owner), False
+        return knob
+
+    def summary(self, plan: Mapping[int, Iterable[int]] | None = None) -> dict[str, Any]:
+        """Kept fractions of the original model's prunable units, heads and channels reported apart: ``heads``
+        (attention head units: kv heads, query heads), ``channels`` (every other unit: MLP neurons, hidden width,
+        head_dim, ...), per unit kind in ``units``, and the kept ``macs`` / ``params``.
+
+        With ``plan`` (``{group id: units}`` of the current :attr:`graph`, e.g. from :meth:`plan`): the figures
+        after that plan is applied, before applying it."""
+        graph = self.graph
+        removed = dict(self._removed)
+        kept_now: dict[int, int] = {}
+        for gid, units in (plan or {}).items():
+            g = graph.group(gid)
+            n = len(set(int(u) for u in units))
+            removed[g.unit] = removed.get(g.unit, 0) + n
+            kept_now[gid] = g.size - n
+        kinds: dict[str, list[int]] = {}
+        for unit, orig in self._orig_units.items():
+            kinds.setdefault(unit, [0, 0])[1] += orig
+        for unit in removed:
+            kinds.setdefault(unit, [0, 0])
+        for unit, acc in kinds.items():
+            acc[0] = acc[1] - removed.get(unit, 0)
+        units = {u: a[0] / max(1, a[1]) for u, a in kinds.items()}
+        heads = kinds.get("head", [0, 0])
+        chans = [sum(a[0] for u, a in kinds.items() if u != "head"), sum(a[1] for u, a in kinds.items() if u != "head")]
+        return {"heads": heads[0] / heads[1] if heads[1] else None,
+                "channels": chans[0] / chans[1] if chans[1] else None, "units": units,
+                "macs": graph.macs_kept(kept_now) / max(1, self.base_macs),
+                "params": graph.params_kept(kept_now) / max(1, self.base_params)}
 
     def _goal(self, kind: str, s: float):
         graph = self.graph
@@ -362,6 +458,9 @@ class Pruner:
         before_macs = graph.macs()
         if plan:
             _prune(self.model, graph, plan, verify=self.verify)
+            for gid, units in plan.items():
+                u = graph.group(gid).unit
+                self._removed[u] = self._removed.get(u, 0) + len(units)
             self._graph = None
         entry = {"sparsity": self.target.sparsity if sparsity is None else float(sparsity),
                  "groups_pruned": len(plan), "units_removed": sum(len(u) for u in plan.values()),
@@ -377,7 +476,12 @@ class Pruner:
 
     def __repr__(self) -> str:
         return (f"Pruner(criterion={self.criterion.name!r}, target={self.target}, global={self.global_pruning}, "
-                f"round_to={self.round_to}, max_ratio={self.max_ratio})")
+                f"round_to={self.round_to}, max_ratio={self.max_ratio}{', uniform=True' if self.uniform else ''})")
+
+
+def _block_pattern(name: str) -> str:
+    """``model.layers.3.mlp.up_proj`` -> ``model.layers.*.mlp.up_proj``: the module's name in every repeated block."""
+    return re.sub(r"\.\d+(?=\.|$)", ".*", name)
 
 
 def _pattern(p: Any, names: Mapping[int, str], what: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 from .common import USAGE, CLIError
 
-TARGET_KEYS = ("ratio", "flops_target")
+TARGET_KEYS = ("ratio", "flops_target", "params_target")
 NOT_IN_CONFIG = {"config", "help", "debug"}
 
 
@@ -125,7 +125,8 @@ def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
     targets_in_file = [k for k in TARGET_KEYS if norm.get(k) is not None and k in opts]
     cli_target = any(opts[k].dest in given for k in TARGET_KEYS if k in opts)
     if len(targets_in_file) > 1 and not cli_target:
-        raise CLIError(f"--config {path}: give either 'ratio' or 'flops_target', not both", USAGE)
+        raise CLIError(f"--config {path}: give either {' or '.join(repr(k) for k in targets_in_file)}, not "
+                       f"{'both' if len(targets_in_file) == 2 else 'several'}", USAGE)
     sources = {}
     for k, value in norm.items():
         action = opts[k]

@@ -76,10 +76,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    help="fraction of the units removed, in [0, 1): per group, or of all units with --global")
     t.add_argument("--flops-target", type=float, metavar="F",
                    help="fraction of the FLOPs KEPT, in (0, 1]: 0.5 halves the FLOPs")
+    t.add_argument("--params-target", type=float, metavar="P",
+                   help="fraction of the parameters KEPT, in (0, 1]: 0.5 halves the parameter count")
     s.add_argument("--global", dest="global_pruning", action="store_true",
                    help="rank units across all groups (scores normalised per group) instead of the same ratio per "
                         "group")
-    s.add_argument("--round-to", type=int, default=1, metavar="N", help="kept channels are a multiple of N")
+    s.add_argument("--round-to", type=int, default=1, metavar="N",
+                   help="kept widths are a multiple of N (channels, head_dim and heads x head_dim)")
+    s.add_argument("--uniform", action="store_true",
+                   help="every repeated block (layers.N.*) keeps the same widths, so a transformers config can "
+                        "describe the result")
+    s.add_argument("--save-pretrained", metavar="DIR",
+                   help="hf: models: write DIR as transformers writes it (prunekit.hf.save_pretrained); with "
+                        "uniform widths plain from_pretrained(DIR) loads it, otherwise prunekit.hf.from_pretrained")
     s.add_argument("--max-ratio", type=float, default=1.0, metavar="R",
                    help="remove at most this fraction of any group, in (0, 1] (one unit always stays)")
     s.add_argument("--ignore", nargs="+", default=[], metavar="PATTERN",
@@ -260,15 +269,19 @@ def _check_prune_options(args) -> Any:
     import prunekit as pk
     from ..plan.importance import CRITERIA
 
-    if args.ratio is None and args.flops_target is None:
-        raise CLIError("prune needs a target: --ratio R (fraction of units removed) or --flops-target F "
-                       "(fraction of FLOPs kept)")
-    if args.ratio is not None and args.flops_target is not None:  # only possible through a config file
-        raise CLIError(f"give either {_where(args, 'ratio')} or {_where(args, 'flops_target')}, not both")
+    given = [d for d in ("ratio", "flops_target", "params_target") if getattr(args, d, None) is not None]
+    if not given:
+        raise CLIError("prune needs a target: --ratio R (fraction of units removed), --flops-target F "
+                       "(fraction of FLOPs kept) or --params-target P (fraction of parameters kept)")
+    if len(given) > 1:  # only possible through a config file
+        raise CLIError(f"give either {' or '.join(_where(args, d) for d in given)}, not "
+                       f"{'both' if len(given) == 2 else 'several'}")
     checks = [
         ("ratio", args.ratio is None or 0.0 <= args.ratio < 1.0, "must be in [0, 1) (the fraction of units removed)"),
         ("flops_target", args.flops_target is None or 0.0 < args.flops_target <= 1.0,
          "must be in (0, 1] (the fraction of FLOPs kept)"),
+        ("params_target", args.params_target is None or 0.0 < args.params_target <= 1.0,
+         "must be in (0, 1] (the fraction of parameters kept)"),
         ("max_ratio", 0.0 < args.max_ratio <= 1.0, "must be in (0, 1]"),
         ("round_to", args.round_to >= 1, "must be a positive integer"),
         ("data_batches", args.data_batches >= 1, "must be a positive integer"),
@@ -284,6 +297,8 @@ def _check_prune_options(args) -> Any:
                        f"{', '.join(sorted(CRITERIA))}") from None
     if args.ratio is not None:
         return pk.ChannelRatio(args.ratio)
+    if args.params_target is not None:
+        return pk.ParamsTarget(args.params_target)
     return pk.FlopsTarget(args.flops_target)
 
 
@@ -377,6 +392,10 @@ def cmd_prune(args, parser, argv) -> int:
     steps = Steps(enabled=not (args.quiet or args.json))
     lm = _load(args, shape, steps)
     model, x = lm.model, lm.example_inputs
+    hf_model = _is_hf_model(model)
+    if args.save_pretrained and not hf_model:
+        raise CLIError(f"--save-pretrained needs a transformers model (hf:...), {args.model} is a "
+                       f"{type(model).__name__}; use --save DIR", FAILURE)
     names = [n for n, _ in model.named_modules()]
     unmatched = [p for p in args.ignore if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unmatched:
@@ -394,7 +413,8 @@ def cmd_prune(args, parser, argv) -> int:
     shapes_before = _output_shapes(model, x)
     with steps("analyze", "analyzing channel groups"):
         pruner = pk.Pruner(model, x, crit, target, global_pruning=args.global_pruning, round_to=args.round_to,
-                           max_ratio=args.max_ratio, ignore=args.ignore, data=data, loss_fn=loss_fn)
+                           max_ratio=args.max_ratio, ignore=args.ignore, data=data, loss_fn=loss_fn,
+                           uniform=args.uniform)
         graph = pruner.graph
     with steps("count_before", "counting MACs and parameters"):
         stats_before = pk.count(graph)
@@ -412,6 +432,7 @@ def cmd_prune(args, parser, argv) -> int:
             plan = pruner.plan()
         except ValueError as e:
             raise CLIError(str(e), FAILURE) from e
+    kept_units = pruner.summary(plan)
     n_units = sum(len(u) for u in plan.values())
     pruned_groups = [graph.group(gid) for gid in plan]
     with steps("prune", f"removing {n_units} units from {len(plan)} groups (verified by prunekit.prune)"):
@@ -433,7 +454,8 @@ def cmd_prune(args, parser, argv) -> int:
     after = {"macs": stats_after.macs, "flops": stats_after.flops, "params": stats_after.params}
     if lat_before is not None:
         before["latency_ms"], after["latency_ms"] = lat_before.median_ms, lat_after.median_ms
-    options = {"ratio": args.ratio, "flops_target": args.flops_target, "global": args.global_pruning,
+    options = {"ratio": args.ratio, "flops_target": args.flops_target, "params_target": args.params_target,
+               "uniform": args.uniform, "global": args.global_pruning,
                "round_to": args.round_to, "max_ratio": args.max_ratio, "ignore": list(args.ignore),
                "criterion": crit.name, "input_shape": list(shape) if shape else None, "seed": args.seed,
                "latency": args.latency, "data_batches": args.data_batches if crit.needs_data else None}
@@ -449,8 +471,10 @@ def cmd_prune(args, parser, argv) -> int:
         "units_removed": n_units, "changed_layers": changed, "pinned_groups": pinned,
         "verification": {"passed": True, "output_shapes": shapes_after, "exact_groups": exact,
                          "shape_checked_groups": len(pruned_groups) - exact},
-        "timings_s": steps.times, "saved": None, "plots": [],
+        "timings_s": steps.times, "saved": None, "plots": [], "kept_units": kept_units,
     }
+    if hf_model:
+        report["hf"] = _hf_report(model, args.save_pretrained)
     if args.plot:
         from .plot import plot_scores, plot_widths
         out = Path(args.plot)
@@ -468,6 +492,29 @@ def cmd_prune(args, parser, argv) -> int:
         Path(args.report).write_text(json.dumps(report, indent=2, default=str))
     _emit(report, args.json, _prune_text(args, lm, report, target))
     return 0
+
+
+def _is_hf_model(model) -> bool:
+    tf = sys.modules.get("transformers")
+    try:
+        return tf is not None and isinstance(model, tf.PreTrainedModel)
+    except Exception:
+        return False
+
+
+def _hf_report(model, save_dir: str | None) -> dict[str, Any]:
+    """The pruned transformers model's config values (and where it was saved with pk.hf.save_pretrained)."""
+    import prunekit as pk
+    if save_dir:
+        out = Path(save_dir)
+        try:
+            pk.hf.save_pretrained(model, out, overwrite=out.is_dir() and (out / "config.json").is_file())
+        except pk.hf.HFSaveError as e:
+            raise CLIError(str(e), FAILURE) from None
+    sync = pk.hf.sync_config(model)
+    return {"config": sync.values, "changed": {k: list(v) for k, v in pk.hf.changes(model).items()},
+            "per_layer": sync.per_layer, "saved_pretrained": save_dir,
+            "plain_from_pretrained": None if not save_dir else not (Path(save_dir) / "prunekit.json").exists()}
 
 
 def _prune_text(args, lm: LoadedModel, r: dict, target) -> list[str]:
@@ -491,6 +538,20 @@ def _prune_text(args, lm: LoadedModel, r: dict, target) -> list[str]:
     text.append(f"Verification: passed (output shapes unchanged {v['output_shapes']}; {v['exact_groups']} pruned "
                 f"groups equal the masked original, {v['shape_checked_groups']} under channel-mixing ops "
                 "shape-checked)")
+    k = r["kept_units"]
+    text.append("Kept: " + ", ".join(f"{u} {v:.1%}" for u, v in (("heads", k["heads"]), ("channels", k["channels"]))
+                                     if v is not None) + " of the prunable units")
+    if "hf" in r:
+        h = r["hf"]
+        text.append("Config: " + ", ".join(f"{c} {v}" + (f" (was {h['changed'][c][0]})" if c in h["changed"] else "")
+                                           for c, v in h["config"].items()))
+        if h["per_layer"]:
+            text.append("Per-layer widths (no single config value): "
+                        + ", ".join(f"{c} {v}" for c, v in h["per_layer"].items()))
+        if h["saved_pretrained"]:
+            how = ("transformers.AutoModelForCausalLM.from_pretrained" if h["plain_from_pretrained"]
+                   else "prunekit.hf.from_pretrained (widths differ per layer or the config rejects them)")
+            text.append(f"Saved pretrained: {h['saved_pretrained']} (load with {how})")
     if r["saved"]:
         text.append(f"Saved: {r['saved']} and {Path(args.save) / 'report.json'} (rebuild with prunekit.load(path, "
                     "build_original_model))")

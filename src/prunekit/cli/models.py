@@ -165,9 +165,24 @@ def _hf(rest: str, shape):
                            "nor an existing config directory or JSON file", FAILURE) from None
         tiny = {k: v for k, v in HF_TINY.items() if k in base}
         config = AutoConfig.for_model(mtype, **{**tiny, **over})
-    model = AutoModel.from_config(config)
+    model = _hf_model(config, path if path.is_dir() else None)
     vocab = int(getattr(config, "vocab_size", None) or 1000)
     return model, torch.randint(0, vocab, shape or DEFAULT_TOKEN_SHAPE)
+
+
+def _hf_model(config, directory: Path | None):
+    """The class the config names (``architectures``: e.g. LlamaForCausalLM, so --save-pretrained writes a model
+    ``from_pretrained`` loads as it was), else ``AutoModel``; a directory with weights loads them."""
+    import transformers
+    cls = next((getattr(transformers, a) for a in (getattr(config, "architectures", None) or [])
+                if hasattr(transformers, a)), transformers.AutoModel)
+    if directory is not None and any((directory / f).is_file() for f in
+                                     ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")):
+        if (directory / "prunekit.json").is_file():
+            import prunekit as pk
+            return pk.hf.from_pretrained(directory)
+        return cls.from_pretrained(str(directory), local_files_only=True)
+    return cls.from_config(config) if cls is transformers.AutoModel else cls._from_config(config)
 
 
 def _from_file(path: Path, fn: str, shape):

@@ -260,6 +260,7 @@ def prune(model: nn.Module, graph, plan: Plan, *, verify: bool = True, rtol: flo
         raise PruningError(f"pruning failed and the model was restored: {type(e).__name__}: {e}") from e
     _append_record(model, graph, norm, undo)
     graph.stale = True
+    run_post_prune_hooks(model)
     return model
 
 
@@ -280,6 +281,35 @@ def pruned_copy(model: nn.Module, graph, plan: Plan, *, verify: bool = True) -> 
     finally:
         graph.model_ref, graph.stale = ref, stale
     return trial
+
+
+# ---------------------------------------------------------------- post-prune hooks
+_POST_PRUNE_HOOKS: list = []
+
+
+def register_post_prune_hook(fn) -> Any:
+    """Call ``fn(model)`` after every successful :func:`prune` and :func:`replay_record` (once per function).
+
+    For bookkeeping that follows the modules, kept outside the core: e.g. ``prunekit.hf`` updates a
+    transformers model's ``config`` so it says what the modules became.  A hook that raises is logged as a
+    warning: the pruned model is already verified and stays pruned."""
+    if fn not in _POST_PRUNE_HOOKS:
+        _POST_PRUNE_HOOKS.append(fn)
+    return fn
+
+
+def unregister_post_prune_hook(fn) -> None:
+    if fn in _POST_PRUNE_HOOKS:
+        _POST_PRUNE_HOOKS.remove(fn)
+
+
+def run_post_prune_hooks(model: nn.Module) -> None:
+    for fn in list(_POST_PRUNE_HOOKS):
+        try:
+            fn(model)
+        except Exception as e:  # the prune itself succeeded and was verified
+            log.warning("post-prune hook %s failed on %s: %s: %s", getattr(fn, "__qualname__", fn),
+                        type(model).__name__, type(e).__name__, e)
 
 
 # ---------------------------------------------------------------- pruning record
@@ -414,6 +444,7 @@ def replay_record(model: nn.Module, record: list[Mapping]) -> nn.Module:
         rec = []
         object.__setattr__(model, RECORD_ATTR, rec)
     rec.extend(record)
+    run_post_prune_hooks(model)
     return model
 
 

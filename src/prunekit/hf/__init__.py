@@ -1,0 +1,12 @@
+"""prunekit for Hugging Face transformers models (needs the ``hf`` extra: ``pip install 'prunekit[hf]'``).
+
+    pk.Pruner(model, x, "l2", pk.ParamsTarget(0.5), uniform=True, round_to=64).prune()
+    model.config                     # follows the modules after every prune (pk.hf.sync_config)
+    pk.hf.save_pretrained(model, "out", tokenizer)
+    AutoModelForCausalLM.from_pretrained("out")      # uniform widths; otherwise pk.hf.from_pretrained("out")
+"""
+from .config import ConfigSync, after_prune, changes, derive, sync_config
+from .io import HFSaveError, config_gaps, from_pretrained, save_pretrained
+
+__all__ = ["ConfigSync", "HFSaveError", "after_prune", "changes", "config_gaps", "derive", "from_pretrained",
+           "save_pretrained", "sync_config"]
