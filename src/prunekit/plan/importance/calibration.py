@@ -320,19 +320,20 @@ class WandaSP(CalibrationCriterion):
 
 class FLAP(CalibrationCriterion):
     """FLAP fluctuation: ``var_t(X_j) * ||W[:, j]||_2^2`` per input channel, summed per unit and member, then
-    standardised per layer kind (``standardize=True``: subtract the kind's mean, divide by its std over all
-    groups of that kind, see :func:`group_kind`).  The standardised scores are comparable across groups, so
+    standardised per layer kind (``standardize=True``, the default unless ``normalize`` is given: subtract the
+    kind's mean, divide by its std over all groups of that kind, see :func:`group_kind`).  The standardised scores are comparable across groups, so
     ``pk.Pruner(..., global_pruning=True)`` ranks them as they are (no per-group rescaling) and the kept width of
     each layer follows how much its channels fluctuate (FLAP's adaptive structure)."""
 
     name = "flap"
 
-    def __init__(self, *, reduction: str = "sum", standardize: bool = True, **kw):
+    def __init__(self, *, reduction: str = "sum", standardize: bool | None = None, **kw):
         super().__init__(reduction=reduction, **kw)
         if standardize and self.normalize is not None:
             raise ValueError("flap: standardize=True already makes scores comparable across groups; "
-                             f"normalize={self.normalize!r} would undo it (pass standardize=False to use it)")
-        self.standardize = bool(standardize)
+                             f"normalize={self.normalize!r} would undo it (pass one of them)")
+        # default: standardise per kind, unless a per-group normalize was asked for instead
+        self.standardize = (self.normalize is None) if standardize is None else bool(standardize)
 
     @property
     def globally_comparable(self) -> bool:
