@@ -351,6 +351,14 @@ def test_flap_global_ranking_gives_adaptive_widths():
     flap.prune()
     w = [layer.mlp.down_proj.in_features for layer in flap.model.model.layers]
     assert w[1] > w[0], w
+    # one global threshold on the standardised scores: every removed unit scores below every kept one (groups
+    # not held at their one-unit minimum)
+    p = pk.Pruner(copy.deepcopy(model), example(), "flap", pk.ParamsTarget(0.6), data=data, global_pruning=True)
+    scores, plan = p.scores(), p.plan()
+    removed = torch.cat([scores[g][plan[g]] for g in plan])
+    kept = torch.cat([scores[g][[u for u in range(len(scores[g])) if u not in plan.get(g, [])]] for g in scores
+                      if len(scores[g]) - len(plan.get(g, [])) > 1])
+    assert removed.numel() and removed.max() <= kept.min()
     local = pk.Pruner(copy.deepcopy(model), example(), "flap", pk.ParamsTarget(0.6), data=data)
     local.prune()
     wl = [layer.mlp.down_proj.in_features for layer in local.model.model.layers]
