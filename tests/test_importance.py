@@ -17,6 +17,7 @@ from prunekit.analysis.analyzer import Member
 
 ALL = sorted(CRITERIA)
 DATA = ("taylor", "taylor_act", "hessian")
+CALIB = ("activation", "wanda_sp", "flap")  # calibration criteria: data, no loss (tests/test_calibration.py)
 
 
 # ---------------------------------------------------------------------------- tiny models
@@ -285,7 +286,7 @@ def test_data_criteria_need_data_and_a_scalar_loss():
         assert get_criterion(name).needs_data
         with pytest.raises(ValueError, match=f"criterion '{name}' needs data=... batches and a loss_fn"):
             get_criterion(name).scores(model, graph)
-    assert not any(get_criterion(n).needs_data for n in set(ALL) - set(DATA))
+    assert not any(get_criterion(n).needs_data for n in set(ALL) - set(DATA) - set(CALIB))
     with pytest.raises(ValueError, match="scalar"):
         get_criterion("taylor").scores(model, graph, data=[torch.randn(2, 2, 4, 4)], loss_fn=lambda m, b: m(b))
     with pytest.raises(ValueError, match="no batches"):
@@ -399,7 +400,8 @@ def test_resnet18_scores_every_prunable_group(resnet, name):
 
 # ---------------------------------------------------------------------------- registry
 def test_registry():
-    assert set(ALL) == {"l1", "l2", "fpgm", "taylor", "taylor_act", "bn_scale", "lamp", "random", "hessian"}
+    assert set(ALL) == {"l1", "l2", "fpgm", "taylor", "taylor_act", "bn_scale", "lamp", "random", "hessian",
+                        "activation", "wanda_sp", "flap"}
     for name, cls in CRITERIA.items():
         c = get_criterion(name)
         assert isinstance(c, cls) and isinstance(c, pk.Criterion) and c.name == name

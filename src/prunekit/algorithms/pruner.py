@@ -101,6 +101,20 @@ class Pruner:
             (``layers.3.mlp`` ~ ``layers.*.mlp``), with the same unit kind and size, keep the same number of
             units (each layer still keeps its own best units), so a transformers config can describe the
             result (``pk.hf.save_pretrained`` then writes a directory plain ``from_pretrained`` loads).
+        bias_compensation: (FLAP) the mean contribution of the removed input channels of every linear layer
+            that closes a pruned group (``o_proj`` for heads, ``down_proj`` for MLP neurons; groups under a
+            norm, such as the hidden width, are not compensated) is added to that layer's bias, created where
+            it has none (see :mod:`prunekit.algorithms.compensation`; transformers configs get
+            ``attention_bias`` / ``mlp_bias``).  The means come from ``data`` (the calibration pass of an
+            ``"activation"`` / ``"wanda_sp"`` / ``"flap"`` criterion is reused; other criteria get one extra
+            no-grad pass).  Verification checks the removal against the masked model before the biases are
+            added; ``history[-1]`` lists what was compensated.
+
+    Calibration criteria (``"activation"``, ``"wanda_sp"``, ``"flap"``; :mod:`prunekit.importance.calibration`)
+    take ``data`` as token batches (dicts with ``input_ids``/``attention_mask``, or tensors) and need no loss;
+    ``"flap"`` scores are standardised per layer kind, so with ``global_pruning=True`` they are ranked as they
+    are (not rescaled per group) and each layer keeps as many units as its fluctuation earns.  ``"taylor"`` on
+    token batches uses the causal-LM loss (``labels=input_ids``, padding excluded) when no ``loss_fn`` is given.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any = None, criterion: Any = "l2", target: Any = 0.5, *,
@@ -108,7 +122,7 @@ class Pruner:
                  max_ratio: float = 1.0, ratios: Mapping[Any, float] | None = None,
                  ignore: Iterable[Any] | None = None, data: Any = None, loss_fn: Callable | None = None,
                  prune_outputs: bool = False, verify: bool = True, criterion_kwargs: Mapping | None = None,
-                 attention: str = "head_dim", uniform: bool = False):
+                 attention: str = "head_dim", uniform: bool = False, bias_compensation: bool = False):
         from ..plan.importance import get_criterion
 
         if not isinstance(model, nn.Module):
@@ -138,6 +152,10 @@ class Pruner:
         if self.criterion.needs_data and data is None:
             raise ValueError(f"criterion {self.criterion.name!r} needs data: pass data=<iterable of batches> "
                              "(and loss_fn=lambda model, batch: loss if batches are not (x, y) pairs)")
+        self.bias_compensation = bool(bias_compensation)
+        if self.bias_compensation and data is None:
+            raise ValueError("bias_compensation=True needs calibration data: pass data=<iterable of batches> (the "
+                             "mean input of each compensated layer is measured on it)")
         names = {id(m): n for n, m in model.named_modules()}
         self.ignore = [_pattern(p, names, "ignore") for p in (ignore or [])]
         self.ratios = {}
@@ -316,7 +334,8 @@ class Pruner:
         vals, owners = [], []
         for k, sl in enumerate(slots):
             sc = scores[sl.group.id].float()
-            if getattr(self.criterion, "normalize", None) is None:
+            if getattr(self.criterion, "normalize", None) is None and \
+                    not getattr(self.criterion, "globally_comparable", False):
                 sc = sc / sc.abs().mean().clamp_min(1e-12)
             vals.append(sc)
             owners.append(torch.full((sl.cur,), k, dtype=torch.long))
@@ -456,8 +475,10 @@ class Pruner:
         graph = self.graph
         plan = self.plan(sparsity)
         before_macs = graph.macs()
+        comp = self._compensation(graph, plan) if plan and self.bias_compensation else None
         if plan:
-            _prune(self.model, graph, plan, verify=self.verify)
+            _prune(self.model, graph, plan, verify=self.verify, biases=comp.biases if comp else None,
+                   config=comp.config if comp else None)
             for gid, units in plan.items():
                 u = graph.group(gid).unit
                 self._removed[u] = self._removed.get(u, 0) + len(units)
@@ -465,10 +486,25 @@ class Pruner:
         entry = {"sparsity": self.target.sparsity if sparsity is None else float(sparsity),
                  "groups_pruned": len(plan), "units_removed": sum(len(u) for u in plan.values()),
                  "macs_before": before_macs, "macs": self.graph.macs(), "params": self.graph.params_kept({})}
+        if comp is not None:
+            entry.update(bias_compensated=list(comp.compensated), bias_skipped=dict(comp.skipped),
+                         bias_unsaveable=list(comp.unsaveable), bias_config=dict(comp.config))
         self.history.append(entry)
         log.info("pruning step: sparsity %.3f, %d units from %d groups, MACs %.4g -> %.4g", entry["sparsity"],
                  entry["units_removed"], entry["groups_pruned"], before_macs, entry["macs"])
         return self.model
+
+    def _compensation(self, graph: PruneGraph, plan: dict[int, list[int]]):
+        """Bias updates for ``plan`` (see ``bias_compensation``): the criterion's calibration statistics of this
+        analysis when it has them for every layer to compensate, else one no-grad pass over ``data``."""
+        from .compensation import bias_compensation, consumers_to_compensate
+        from ..plan.importance import collect_input_stats
+        names = consumers_to_compensate(self.model, graph, plan)
+        stats = getattr(self.criterion, "last_stats", None)
+        if stats is None or getattr(stats, "graph", None) is not graph or any(n not in stats for n in names):
+            stats = collect_input_stats(self.model, names, self.data, forward_fn=self.forward_fn,
+                                        max_batches=getattr(self.criterion, "max_batches", None))
+        return bias_compensation(self.model, graph, plan, stats)
 
     def prune(self) -> nn.Module:
         """One-shot: prune to the target and return the (same, now smaller) model."""

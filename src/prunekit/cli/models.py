@@ -127,7 +127,7 @@ def _torchvision(name: str, shape):
 
 def _hf(rest: str, shape):
     try:
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoConfig
     except ImportError:
         raise CLIError("hf: models need the transformers package: pip install 'prunekit[hf]'", FAILURE) from None
     if not _transformers_can_use_torch():  # transformers 5 disables its PyTorch models on torch < 2.6

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..surgery import RECORD_ATTR, PruningError, replay_record
+from ..surgery import RECORD_ATTR, replay_record
 from .config import BASE_ATTR, check_model, require_transformers, sync_config, text_config
 
 log = logging.getLogger("prunekit.hf")

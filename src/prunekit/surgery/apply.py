@@ -206,13 +206,62 @@ def check_graph(model: nn.Module, graph) -> None:
         raise PruningError("the graph was built from a different model object; analyze this model first")
 
 
+def _add_biases(model: nn.Module, biases: Mapping[str, torch.Tensor], config: Mapping[str, Any], undo: _Undo
+                ) -> dict[str, Any]:
+    """Add ``biases[name]`` to module ``name``'s bias (creating the parameter where it is None) and set the
+    config values ``{"<i>.<attr>": value}`` (i indexes model.config / its text config); returns the record entry."""
+    from .blocks import _configs
+    sizes = {}
+    for name, delta in biases.items():
+        mod = model.get_submodule(name)
+        w = getattr(mod, "weight", None)
+        if "bias" not in mod._parameters or not isinstance(w, torch.Tensor):
+            raise PruningError(f"{name} ({type(mod).__name__}) has no bias slot to compensate into")
+        old = mod._parameters["bias"]
+        n = old.shape[0] if old is not None else w.shape[0]
+        if delta.shape != (n,):
+            raise PruningError(f"{name}: bias compensation of shape {tuple(delta.shape)} for {n} output channels")
+        base = old.detach() if old is not None else torch.zeros(n, dtype=w.dtype, device=w.device)
+        new = nn.Parameter(base + delta.to(dtype=base.dtype, device=base.device), requires_grad=w.requires_grad)
+        undo.set_tensor(mod, "bias", new)
+        sizes[name] = int(n)
+    cfgs = _configs(model)
+    for key, val in config.items():
+        i, _, attr = key.partition(".")
+        if int(i) < len(cfgs):
+            undo.set_attr(cfgs[int(i)], attr, val)
+    return {"modules": sizes, "config": dict(config)}
+
+
+def _replay_biases(model: nn.Module, entry: Mapping[str, Any], undo: _Undo, k: int) -> None:
+    """A record's ``biases`` entry on a freshly built model: zero biases where the pruned model gained one
+    (their values come with the state dict) and the config values set with them."""
+    zeros = {}
+    for name, n in entry.get("modules", {}).items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise PruningError(f"pruning record step {k}: the model has no module {name!r}") from None
+        if mod._parameters.get("bias") is None:
+            zeros[name] = torch.zeros(int(n), dtype=mod.weight.dtype, device=mod.weight.device)
+    _add_biases(model, zeros, entry.get("config", {}), undo)
+
+
 def prune(model: nn.Module, graph, plan: Plan, *, verify: bool = True, rtol: float = 1e-3,
-          atol: float = 1e-4) -> nn.Module:
+          atol: float = 1e-4, biases: Mapping[str, torch.Tensor] | None = None,
+          config: Mapping[str, Any] | None = None) -> nn.Module:
     """Remove ``plan``'s units from ``model`` in place and return it.
 
     With ``verify=True`` the example input is run again: the output shapes must be unchanged, and
     for exact groups the pruned output must match the original with those units zeroed.  On any
     failure the model is restored and :class:`VerificationError` explains why.
+
+    ``biases`` (``{module name: vector}``, in the pruned model's output coordinates) are added to those
+    modules' biases after the removal -- a bias parameter is created where the module has none -- and
+    ``config`` values (``{"0.attention_bias": True}``: index into model.config / its text config) are set
+    with them: bias compensation (``pk.Pruner(bias_compensation=True)``).  Verification compares the removed
+    model with the masked original *before* the biases are added (the removal itself is exact), then checks
+    shapes and finiteness with them; the record remembers the new biases so ``pk.load`` rebuilds them.
     """
     check_graph(model, graph)
     norm = normalize_plan(graph, plan)
@@ -249,6 +298,13 @@ def prune(model: nn.Module, graph, plan: Plan, *, verify: bool = True, rtol: flo
             if msg:
                 raise VerificationError(f"pruned model failed verification: {msg}")
             check_finite(ref, out)
+        extra = {"biases": _add_biases(model, biases or {}, config or {}, undo)} if biases or config else None
+        if verify and extra:
+            out = run_outputs(model, graph)
+            msg = compare_outputs(ref, out, float("inf"), float("inf"), graph.prune_outputs)
+            if msg:
+                raise VerificationError(f"bias-compensated model failed verification: {msg}")
+            check_finite(ref, out)
     except VerificationError as e:
         undo.rollback()
         groups = ", ".join(str(g) for g in list(norm)[:10])
@@ -258,7 +314,7 @@ def prune(model: nn.Module, graph, plan: Plan, *, verify: bool = True, rtol: flo
     except Exception as e:
         undo.rollback()
         raise PruningError(f"pruning failed and the model was restored: {type(e).__name__}: {e}") from e
-    _append_record(model, graph, norm, undo)
+    _append_record(model, graph, norm, undo, extra)
     graph.stale = True
     run_post_prune_hooks(model)
     return model
@@ -316,7 +372,8 @@ def run_post_prune_hooks(model: nn.Module) -> None:
 RECORD_ATTR = "_prunekit_record"
 
 
-def _append_record(model: nn.Module, graph, plan: dict[int, torch.Tensor], undo: _Undo) -> None:
+def _append_record(model: nn.Module, graph, plan: dict[int, torch.Tensor], undo: _Undo,
+                   extra: Mapping[str, Any] | None = None) -> None:
     """Remember what :func:`prune` removed, so the pruned architecture can be rebuilt from the original code.
 
     One step per ``pk.prune`` call: removed indices per parameter/buffer (with its shape before) in that
@@ -335,6 +392,8 @@ def _append_record(model: nn.Module, graph, plan: dict[int, torch.Tensor], undo:
             val = getattr(mod, attr)
             attrs[f"{names[id(mod)]}.{attr}" if names[id(mod)] else attr] = list(val) if isinstance(val, tuple) else val
     step = {"groups": {int(g): u.tolist() for g, u in plan.items()}, "params": params, "attrs": attrs}
+    if extra:
+        step.update(extra)
     rec = getattr(model, RECORD_ATTR, None)
     if rec is None:
         rec = []
@@ -436,6 +495,8 @@ def replay_record(model: nn.Module, record: list[Mapping]) -> nn.Module:
                                        "the record was made for a different model") from None
                 cur = getattr(mod, attr, None)
                 undo.set_attr(mod, attr, tuple(val) if isinstance(cur, tuple) and isinstance(val, list) else val)
+            if "biases" in step:  # bias compensation (prune(..., biases=...))
+                _replay_biases(model, step["biases"], undo, k)
     except BaseException:
         undo.rollback()
         raise

@@ -5,7 +5,8 @@
     taylor = get_criterion("taylor").scores(model, graph, data=loader, loss_fn=my_loss)
 
 Names: ``l1``, ``l2``, ``fpgm``, ``taylor``, ``taylor_act``, ``bn_scale``, ``lamp``, ``random``,
-``hessian``.  All criteria are group-level: every parameter slice a group owns (producers, consumers,
+``hessian``, and the calibration criteria ``activation`` (Minitron), ``wanda_sp``, ``flap`` (one no-grad pass
+of activation statistics over ``data=``; see :mod:`.calibration`).  All criteria are group-level: every parameter slice a group owns (producers, consumers,
 norms, free parameters) can take part; see :class:`Criterion` for the shared options.
 """
 from __future__ import annotations
@@ -13,13 +14,15 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Criterion, DataCriterion, grad_sandbox, member_role, normalize_scores, unit_view
+from .calibration import FLAP, Activation, CalibrationCriterion, WandaSP, collect_input_stats
 from .gradient import Hessian, Taylor, TaylorAct
 from .weight import FPGM, L1, L2, LAMP, BNScale, Random
 
 CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (L1, L2, FPGM, Taylor, TaylorAct, BNScale, LAMP, Random,
-                                                           Hessian)}
+                                                           Hessian, Activation, WandaSP, FLAP)}
 _ALIASES = {"l1norm": "l1", "l2norm": "l2", "magnitude": "l2", "taylorfoweight": "taylor", "bn": "bn_scale",
-            "slim": "bn_scale", "fisher": "hessian", "obd": "hessian"}
+            "slim": "bn_scale", "fisher": "hessian", "obd": "hessian", "minitron": "activation",
+            "wanda": "wanda_sp", "wandasp": "wanda_sp"}
 
 
 def get_criterion(name_or_obj: str | Criterion | type[Criterion], **kw: Any) -> Criterion:
@@ -42,5 +45,6 @@ def get_criterion(name_or_obj: str | Criterion | type[Criterion], **kw: Any) -> 
                     f"{type(name_or_obj).__name__}")
 
 
-__all__ = ["CRITERIA", "BNScale", "Criterion", "DataCriterion", "FPGM", "Hessian", "L1", "L2", "LAMP", "Random",
-           "Taylor", "TaylorAct", "get_criterion", "grad_sandbox", "member_role", "normalize_scores", "unit_view"]
+__all__ = ["CRITERIA", "Activation", "BNScale", "CalibrationCriterion", "Criterion", "DataCriterion", "FLAP", "FPGM",
+           "Hessian", "L1", "L2", "LAMP", "Random", "WandaSP", "collect_input_stats", "Taylor",
+           "TaylorAct", "get_criterion", "grad_sandbox", "member_role", "normalize_scores", "unit_view"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import ExitStack, contextmanager
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -127,9 +127,38 @@ def normalize_scores(s: torch.Tensor, how: str | None) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- data handling
+def lm_loss(model: nn.Module, batch: Any, forward_fn: Callable | None = None) -> torch.Tensor:
+    """Causal-LM loss of a token batch: a dict (``input_ids``, ``attention_mask``, ...) or an integer tensor of
+    token ids.  Without ``labels`` in the batch, ``labels = input_ids`` with padding (``attention_mask == 0``) set
+    to -100, so the model's own shifted loss (``output.loss`` of a transformers causal LM) leaves padding out."""
+    kw = dict(batch) if isinstance(batch, Mapping) else {"input_ids": batch}
+    if "labels" not in kw and isinstance(kw.get("input_ids"), torch.Tensor):
+        labels = kw["input_ids"].clone()
+        mask = kw.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.shape == labels.shape:
+            labels = labels.masked_fill(mask == 0, -100)
+        kw["labels"] = labels
+    out = forward_fn(model, kw) if forward_fn is not None else model(**kw)
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if not isinstance(loss, torch.Tensor):
+        raise ValueError(f"the default loss for token batches uses the model output's .loss (a causal LM called with "
+                         f"labels=input_ids), but {type(model).__name__} returned {type(out).__name__} without one; "
+                         "pass loss_fn=lambda model, batch: ...")
+    return loss
+
+
+def _is_token_batch(batch: Any) -> bool:
+    if isinstance(batch, Mapping):
+        return "input_ids" in batch
+    return isinstance(batch, torch.Tensor) and not batch.is_floating_point() and not batch.is_complex()
+
+
 def default_loss(forward_fn: Callable | None = None) -> LossFn:
-    """``batch = (x, y)`` -> ``F.cross_entropy(out, y)`` with ``out = forward_fn(model, x)`` or ``model(x)``."""
+    """``batch = (x, y)`` -> ``F.cross_entropy(out, y)`` with ``out = forward_fn(model, x)`` or ``model(x)``;
+    token batches (a dict with ``input_ids``, or an integer tensor) -> :func:`lm_loss`."""
     def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        if _is_token_batch(batch):
+            return lm_loss(model, batch, forward_fn)
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise ValueError("the default loss_fn expects batches (x, y) and uses F.cross_entropy(model(x), y); "
                              "pass loss_fn=lambda model, batch: ... for other batch layouts or losses")
