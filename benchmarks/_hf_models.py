@@ -6,7 +6,6 @@ and trims per-layer lists (``layer_types``) to the layer count.  Types whose def
 shrinking (their forward fails) are reported as such by the sweep, not hidden.
 """
 from __future__ import annotations
-import copy
 
 TINY = {  # key: value, applied where the config has the key
     "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,

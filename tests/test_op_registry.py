@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit.analysis.ops import OpSpec, Zero, lookup, register, specs, unregister
+from prunekit.analysis.ops import OpSpec, Zero, lookup, register, specs
 from prunekit.analysis.rules import RULES
 from prunekit.capture.tape import capture
 from prunekit.cost.flops import MACS

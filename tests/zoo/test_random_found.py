@@ -14,7 +14,7 @@ import prunekit as pk
 from prunekit.surgery.apply import pruned_copy
 
 try:
-    from ._common import assert_same_outputs, assert_state_unchanged, roundtrip, run, snapshot
+    from ._common import assert_same_outputs, roundtrip, run
 except ImportError:  # pragma: no cover - tests/zoo is not a package
     from _common import assert_same_outputs, roundtrip, run
 
