@@ -14,6 +14,7 @@ from ..capture.tape import OpRecord, Tape, TRef
 from . import modules as M
 from . import spaces as C
 from .ops.registry import _SPECS, lookup as _lookup
+from .ops.shape import REP_ATTRS
 
 log = logging.getLogger("prunekit.spaces")
 
@@ -362,6 +363,8 @@ class Analyzer:
                                          for s in C.leaves(self.lay(t, d))):
                 continue
             for attr, b in by_module[op.module]:
+                if attr in REP_ATTRS:  # query heads per kv head: no attention scale is computed from it (SDPA's
+                    continue  # math path scales q and k by sqrt(scale), 0.5 for head_dim 16, == 1/n_rep for 2)
                 v = getattr(m, attr, None)
                 if type(v) is not int or v < 2:
                     continue
