@@ -21,7 +21,9 @@ log = logging.getLogger("prunekit.spaces")
 # layers whose size attributes are all known (``ModuleSpec.infer_attrs=False`` in analysis/modules.py) are never
 # bound by the reshape heuristic; these names never are, on any module
 _ATTR_DENY = {"training", "in_channels", "out_channels", "in_features", "out_features", "num_classes", "img_size",
-              "patch_size", "num_features"}
+              "patch_size", "num_features",
+              # transformers attention: a layer's index and its attention window are not widths
+              "layer_idx", "sliding_window"}
 
 
 _VIEWLIKE = {"t", "transpose", "permute", "view", "_unsafe_view", "reshape", "expand", "_to_copy", "clone",
@@ -430,18 +432,21 @@ class Analyzer:
         for mod, attr in self.reshape_cands:
             attrs_of.setdefault(mod, []).append(attr)
         for (mod, attr), cands in self.reshape_cands.items():
-            free = [(i, l, w) for i, l, w in cands if any(s.size > 1 and not s.pins for s in C.leaves(l))]
+            want = _wanted_tag(attr)
+            # a name that says head_dim never sizes heads (8 heads x head_dim 8: ``head_dim`` does not follow the
+            # heads), and one that says heads never sizes head_dim
+            free = [(i, l, w) for i, l, w in cands if any(s.size > 1 and not s.pins for s in C.leaves(l))
+                    and not _other_tag(want, l)]
             if not free:
                 continue
             # one attribute sizes several reshapes as a whole dim (e.g. ``head_dim`` for q, k and v): the sizes it
             # fixes must stay equal, so those spaces are tied (pruned or pinned together) instead of diverging
-            same = [(i, l) for i, l, w in cands if w and not _data_dim(l)
+            same = [(i, l) for i, l, w in cands if w and not _data_dim(l) and not _other_tag(want, l)
                     and all(p == _INTERLEAVED for s in C.leaves(l) for p in s.pins)]
             # another size attribute with the same value (e.g. num_heads == head_dim) makes the match ambiguous
             m = self.modules.get(mod)
             rivals = [k for k in attrs_of[mod] if k != attr and getattr(m, k, None) == getattr(m, attr, None)]
             ambiguous = bool(rivals)
-            want = _wanted_tag(attr)
             if ambiguous:  # equal values: only the reshapes whose spaces the name describes are tied (q/k and v
                 # head_dim sized by one ``self.head_dim``: one attribute, so one group, or a plan breaks the other),
                 # and only when no rival's name describes them too (``key_dim == value_dim``: which sizes which?)
@@ -528,6 +533,15 @@ def pin_reason(pins: list[str]) -> str:
 def _wanted_tag(attr: str) -> str | None:
     """The space tag a size attribute's name describes: "head_dim", "head" or None."""
     return "head_dim" if _names_head_dim(attr) else "head" if "head" in attr.lower() else None
+
+
+def _other_tag(want: str | None, l) -> bool:
+    """Does layout ``l`` hold the other kind of attention channels than the tag ``want`` an attribute's name
+    describes (heads for ``head_dim``, head_dim for ``num_heads``)?"""
+    if want is None:
+        return False
+    other = "head" if want == "head_dim" else "head_dim"
+    return any(other in s.tags and want not in s.tags for s in C.leaves(l))
 
 
 def _names_head_dim(attr: str) -> bool:
