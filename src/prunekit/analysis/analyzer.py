@@ -442,7 +442,7 @@ class Analyzer:
             # one attribute sizes several reshapes as a whole dim (e.g. ``head_dim`` for q, k and v): the sizes it
             # fixes must stay equal, so those spaces are tied (pruned or pinned together) instead of diverging
             same = [(i, l) for i, l, w in cands if w and not _data_dim(l) and not _other_tag(want, l)
-                    and all(p == _INTERLEAVED for s in C.leaves(l) for p in s.pins)]
+                    and all(p in (_INTERLEAVED, _ROPE) for s in C.leaves(l) for p in s.pins)]
             # another size attribute with the same value (e.g. num_heads == head_dim) makes the match ambiguous
             m = self.modules.get(mod)
             rivals = [k for k in attrs_of[mod] if k != attr and getattr(m, k, None) == getattr(m, attr, None)]
@@ -492,6 +492,20 @@ class Analyzer:
                         and lays[dim] is not None:
                     self.bind(name, attr, lays[dim])
 
+    def _rope_roots(self) -> set[int]:
+        """ids of the root spaces of rotary-embedding frequency buffers (transformers' ``inv_freq``, or a buffer
+        of a module whose class name says Rotary): a head_dim tied to them is RoPE's."""
+        roots: set[int] = set()
+        for nd in self.tape.nodes:
+            if nd.kind != "buffer" or self.layouts[nd.id] is None or not nd.name:
+                continue
+            owner = self.modules.get(nd.name.rpartition(".")[0])
+            if not (nd.name.rpartition(".")[2] == "inv_freq" or "rotary" in type(owner).__name__.lower()):
+                continue
+            for l in self.layouts[nd.id]:
+                roots.update(id(C.find(x)) for x in C.leaves(l or ()))
+        return roots
+
     def _pin_interleaved(self) -> None:
         # expanding every distinct term once finds every split factor inside a product (layouts share
         # most of their terms: expanding each node's layout separately repeated the same work ~10x)
@@ -503,14 +517,19 @@ class Analyzer:
         found: set = set()
         for t in terms:
             C.expand_term(t, found)
-        why = _INTERLEAVED
+        rope = self._rope_roots() if found else set()
         for r in found:
+            # tied to the frequencies of a rotary embedding: RoPE's rotate-half inside heads x head_dim
+            why = _ROPE if rope and any(id(C.find(x)) in rope for t in _parts_terms(r) for x in t) else _INTERLEAVED
             for t in _parts_terms(r):
                 C.pin((t,), why)
             if why not in r.pins:
                 r.pins.append(why)
 
 
+_ROPE = ("head_dim under rotary position embedding (RoPE): rotate-half pairs channel i with i + head_dim/2 inside "
+         "every head, and the rotary frequencies are computed from head_dim (a reloaded config recomputes them), "
+         "so head_dim keeps its size")
 _INTERLEAVED = "channels split inside a product (e.g. rotate-half RoPE inside heads x head_dim): interleaved layout"
 
 
