@@ -189,15 +189,18 @@ def test_random_30pct_plan_of_every_prunable_group_verifies(arch):
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_mha_kv_heads_equal_query_heads(impl):
-    model = _build("llama", impl, heads=4, kv=4)
+@pytest.mark.parametrize("heads,head_dim", [(4, None), (8, 8)])  # (8, 8): as many heads as head_dim
+def test_mha_kv_heads_equal_query_heads(impl, heads, head_dim):
+    model = _build("llama", impl, heads=heads, kv=heads, head_dim=head_dim)
     x = _inputs(True)
     g = pk.analyze(model, x)
     kv, slots = _attn_groups(g)
-    assert len(kv) == 1 and kv[0].size == 4 and kv[0].prunable and not slots
+    assert len(kv) == 1 and kv[0].size == heads and kv[0].prunable and kv[0].exact and not slots
     masked, pruned = _masked_vs_pruned(model, g, x, {kv[0].id: [1, 2]})
     torch.testing.assert_close(pruned, masked, rtol=1e-4, atol=1e-5)
-    assert model.model.layers[0].self_attn.q_proj.out_features == 32
+    a = model.model.layers[0].self_attn
+    assert a.head_dim == 64 // heads  # head_dim (pinned under RoPE) does not follow the heads
+    assert a.q_proj.out_features == (heads - 2) * a.head_dim == a.k_proj.out_features
 
 
 @pytest.mark.parametrize("impl,mask", STYLES)
