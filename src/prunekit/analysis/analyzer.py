@@ -555,12 +555,14 @@ def _wanted_tag(attr: str) -> str | None:
 
 
 def _other_tag(want: str | None, l) -> bool:
-    """Does layout ``l`` hold the other kind of attention channels than the tag ``want`` an attribute's name
-    describes (heads for ``head_dim``, head_dim for ``num_heads``)?"""
+    """Does layout ``l`` hold only the other kind of attention channels than the tag ``want`` an attribute's
+    name describes (heads for ``head_dim``, head_dim for ``num_heads``)?  A product of both (``attn_dim`` =
+    heads x head_dim) is not the other kind."""
     if want is None:
         return False
     other = "head" if want == "head_dim" else "head_dim"
-    return any(other in s.tags and want not in s.tags for s in C.leaves(l))
+    lv = C.leaves(l)
+    return any(other in s.tags for s in lv) and not any(want in s.tags for s in lv)
 
 
 def _names_head_dim(attr: str) -> bool:
