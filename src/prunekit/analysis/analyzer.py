@@ -14,13 +14,16 @@ from ..capture.tape import OpRecord, Tape, TRef
 from . import modules as M
 from . import spaces as C
 from .ops.registry import _SPECS, lookup as _lookup
+from .ops.shape import REP_ATTRS
 
 log = logging.getLogger("prunekit.spaces")
 
 # layers whose size attributes are all known (``ModuleSpec.infer_attrs=False`` in analysis/modules.py) are never
 # bound by the reshape heuristic; these names never are, on any module
 _ATTR_DENY = {"training", "in_channels", "out_channels", "in_features", "out_features", "num_classes", "img_size",
-              "patch_size", "num_features"}
+              "patch_size", "num_features",
+              # transformers attention: a layer's index and its attention window are not widths
+              "layer_idx", "sliding_window"}
 
 
 _VIEWLIKE = {"t", "transpose", "permute", "view", "_unsafe_view", "reshape", "expand", "_to_copy", "clone",
@@ -362,6 +365,8 @@ class Analyzer:
                                          for s in C.leaves(self.lay(t, d))):
                 continue
             for attr, b in by_module[op.module]:
+                if attr in REP_ATTRS:  # query heads per kv head: no attention scale is computed from it (SDPA's
+                    continue  # math path scales q and k by sqrt(scale), 0.5 for head_dim 16, == 1/n_rep for 2)
                 v = getattr(m, attr, None)
                 if type(v) is not int or v < 2:
                     continue
@@ -427,18 +432,21 @@ class Analyzer:
         for mod, attr in self.reshape_cands:
             attrs_of.setdefault(mod, []).append(attr)
         for (mod, attr), cands in self.reshape_cands.items():
-            free = [(i, l, w) for i, l, w in cands if any(s.size > 1 and not s.pins for s in C.leaves(l))]
+            want = _wanted_tag(attr)
+            # a name that says head_dim never sizes heads (8 heads x head_dim 8: ``head_dim`` does not follow the
+            # heads), and one that says heads never sizes head_dim
+            free = [(i, l, w) for i, l, w in cands if any(s.size > 1 and not s.pins for s in C.leaves(l))
+                    and not _other_tag(want, l)]
             if not free:
                 continue
             # one attribute sizes several reshapes as a whole dim (e.g. ``head_dim`` for q, k and v): the sizes it
             # fixes must stay equal, so those spaces are tied (pruned or pinned together) instead of diverging
-            same = [(i, l) for i, l, w in cands if w and not _data_dim(l)
-                    and all(p == _INTERLEAVED for s in C.leaves(l) for p in s.pins)]
+            same = [(i, l) for i, l, w in cands if w and not _data_dim(l) and not _other_tag(want, l)
+                    and all(p in (_INTERLEAVED, _ROPE) for s in C.leaves(l) for p in s.pins)]
             # another size attribute with the same value (e.g. num_heads == head_dim) makes the match ambiguous
             m = self.modules.get(mod)
             rivals = [k for k in attrs_of[mod] if k != attr and getattr(m, k, None) == getattr(m, attr, None)]
             ambiguous = bool(rivals)
-            want = _wanted_tag(attr)
             if ambiguous:  # equal values: only the reshapes whose spaces the name describes are tied (q/k and v
                 # head_dim sized by one ``self.head_dim``: one attribute, so one group, or a plan breaks the other),
                 # and only when no rival's name describes them too (``key_dim == value_dim``: which sizes which?)
@@ -484,6 +492,20 @@ class Analyzer:
                         and lays[dim] is not None:
                     self.bind(name, attr, lays[dim])
 
+    def _rope_roots(self) -> set[int]:
+        """ids of the root spaces of rotary-embedding frequency buffers (transformers' ``inv_freq``, or a buffer
+        of a module whose class name says Rotary): a head_dim tied to them is RoPE's."""
+        roots: set[int] = set()
+        for nd in self.tape.nodes:
+            if nd.kind != "buffer" or self.layouts[nd.id] is None or not nd.name:
+                continue
+            owner = self.modules.get(nd.name.rpartition(".")[0])
+            if not (nd.name.rpartition(".")[2] == "inv_freq" or "rotary" in type(owner).__name__.lower()):
+                continue
+            for l in self.layouts[nd.id]:
+                roots.update(id(C.find(x)) for x in C.leaves(l or ()))
+        return roots
+
     def _pin_interleaved(self) -> None:
         # expanding every distinct term once finds every split factor inside a product (layouts share
         # most of their terms: expanding each node's layout separately repeated the same work ~10x)
@@ -495,14 +517,19 @@ class Analyzer:
         found: set = set()
         for t in terms:
             C.expand_term(t, found)
-        why = _INTERLEAVED
+        rope = self._rope_roots() if found else set()
         for r in found:
+            # tied to the frequencies of a rotary embedding: RoPE's rotate-half inside heads x head_dim
+            why = _ROPE if rope and any(id(C.find(x)) in rope for t in _parts_terms(r) for x in t) else _INTERLEAVED
             for t in _parts_terms(r):
                 C.pin((t,), why)
             if why not in r.pins:
                 r.pins.append(why)
 
 
+_ROPE = ("head_dim under rotary position embedding (RoPE): rotate-half pairs channel i with i + head_dim/2 inside "
+         "every head, and the rotary frequencies are computed from head_dim (a reloaded config recomputes them), "
+         "so head_dim keeps its size")
 _INTERLEAVED = "channels split inside a product (e.g. rotate-half RoPE inside heads x head_dim): interleaved layout"
 
 
@@ -525,6 +552,17 @@ def pin_reason(pins: list[str]) -> str:
 def _wanted_tag(attr: str) -> str | None:
     """The space tag a size attribute's name describes: "head_dim", "head" or None."""
     return "head_dim" if _names_head_dim(attr) else "head" if "head" in attr.lower() else None
+
+
+def _other_tag(want: str | None, l) -> bool:
+    """Does layout ``l`` hold only the other kind of attention channels than the tag ``want`` an attribute's
+    name describes (heads for ``head_dim``, head_dim for ``num_heads``)?  A product of both (``attn_dim`` =
+    heads x head_dim) is not the other kind."""
+    if want is None:
+        return False
+    other = "head" if want == "head_dim" else "head_dim"
+    lv = C.leaves(l)
+    return any(other in s.tags for s in lv) and not any(want in s.tags for s in lv)
 
 
 def _names_head_dim(attr: str) -> bool:

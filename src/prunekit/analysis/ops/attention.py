@@ -40,15 +40,25 @@ def sdpa(A, op):
     out = outs[0]
     where = A.where(op)
     nq = len(A.shape(q))
+    qs = A.shape(q)
+    rep = None  # the query-head slot within a kv group (shared by k and v: they have the same heads)
     for d in range(nq - 2):  # batch / heads
         lay = A.lay(q, d)
         for t in (k, v):
             ts = A.shape(t)
-            if ts[d] == A.shape(q)[d]:
+            if ts[d] == qs[d]:
                 C.tie(lay, A.lay(t, d), where)
+            elif d == nq - 3 and ts[d] > 0 and qs[d] % ts[d] == 0:
+                # grouped-query attention (enable_gqa, or a kernel given fewer kv heads): query head h reads kv
+                # head h // n_rep (k.repeat_interleave(n_rep, dim=-3)), so q's heads are the row-major product
+                # kv heads x slot.  n_rep = Hq / Hkv is implicit in the shapes, so both factors may shrink
+                if rep is None:
+                    rep = C.fresh(qs[d] // ts[d])
+                    C.tag(rep, "head")
+                C.tie(lay, C.merge([A.lay(t, d), rep]), f"{where}: grouped-query heads")
             else:
-                C.pin(lay, f"{where}: grouped-query heads")
-                C.pin(A.lay(t, d), f"{where}: grouped-query heads")
+                C.pin(lay, f"{where}: grouped-query heads ({qs[d]} query vs {ts[d]} key/value heads)")
+                C.pin(A.lay(t, d), f"{where}: grouped-query heads ({qs[d]} query vs {ts[d]} key/value heads)")
         A.set(out, d, lay)
         C.tag(lay, "head")
     C.tag(A.lay(q, nq - 1), "head_dim")

@@ -61,6 +61,21 @@ def _reshape(A, op):
                 A.set(out, k, C.fresh(osh[k], msg))
 
 
+# module attributes that hold the number of query heads per kv head of grouped-query attention: transformers'
+# ``num_key_value_groups`` (repeat_kv), Meta Llama's ``n_rep``, vLLM's ``num_queries_per_kv``
+REP_ATTRS = ("num_key_value_groups", "num_kv_groups", "n_rep", "num_queries_per_kv", "n_kv_groups")
+
+
+def _rep_attr(A, op, n: int) -> str | None:
+    """The executing module's query-heads-per-kv-head attribute (see :data:`REP_ATTRS`) when it equals ``n``,
+    the size an ``expand`` broadcasts to: the expand is then ``repeat_kv`` and its size follows that attribute."""
+    m = A.modules.get(op.module)
+    if m is None:
+        return None
+    hits = [a for a in REP_ATTRS if type(getattr(m, a, None)) is int and getattr(m, a) == n]
+    return hits[0] if len(hits) == 1 else None
+
+
 @rule("expand", "expand_copy", structural=True)
 def _expand(A, op):
     x, out = op.args[0], op.outs()[0]
@@ -71,8 +86,18 @@ def _expand(A, op):
         if k >= 0 and ish[k] == osh[d]:
             A.set(out, d, A.lay(x, k))
             A.set_zero(out, d, A.zero(x, k))
-        else:
+            continue
+        attr = _rep_attr(A, op, osh[d]) if osh[d] > 1 else None
+        if attr is None:
             A.set(out, d, C.fresh(osh[d], f"broadcast dim of {A.where(op)}"))
+            continue
+        # repeat_kv (``x[:, :, None].expand(b, kv, n_rep, s, d)``): the copies are the query-head slots of each
+        # kv group; n_rep is read from the module attribute, which follows the slots kept.  The values are the
+        # same in every slot, so the dim holds channels only through what it is tied to (the query heads)
+        lay = C.fresh(osh[d])
+        C.tag(lay, "head")
+        A.set(out, d, lay)
+        A.bind(op.module, attr, lay)
 
 
 @rule("permute", "permute_copy", structural=True)
