@@ -123,7 +123,13 @@ def test_scores_equal_a_direct_computation(name):
     got = get_criterion(name).scores(model, graph, data=data)
     want = direct(model, graph, data, name)
     if name == "flap":  # standardised per kind: one mean/std over the same structure of every layer
-        for kind in (mlp, kv, hidden):
+        from prunekit.plan.importance.calibration import group_kind
+        kinds = {}
+        for g in graph.prunable_groups:  # incl. the query slots within kv groups
+            kinds.setdefault(group_kind(model, g), []).append(g)
+        for ours in (mlp, kv, hidden):  # the kinds named by hand are each exactly one kind of the criterion
+            assert sorted(g.id for g in ours) == sorted(g.id for g in kinds[group_kind(model, ours[0])])
+        for kind in kinds.values():
             allv = torch.cat([want[g.id] for g in kind])
             for g in kind:
                 want[g.id] = (want[g.id] - allv.mean()) / allv.std(unbiased=False)
