@@ -59,9 +59,9 @@ def unit_step(g: Group, round_to: int) -> int:
     conv's group, the channels per group of a grouped conv, the number of heads for a head_dim unit): the
     kept count must make ``kept x span`` a multiple of ``round_to`` in every member, i.e. a multiple of
     ``round_to / gcd(round_to, span)`` for each of them (their lcm).  Head units are not rounded (1)."""
-    if round_to <= 1 or g.unit == "head":
-        return 1
-    step = 1
+    step = getattr(g, "multiple_of", 1)  # a kernel's alignment (e.g. _grouped_mm) applies whatever round_to is
+    if round_to <= 1 or g.unit in ("head", "expert"):
+        return step
     for m in g.members:
         span = math.prod(m.sizes) // m.sizes[m.pos]
         step = math.lcm(step, round_to // math.gcd(round_to, span))
@@ -164,7 +164,7 @@ class Pruner:
                 continue
             orig = self._orig.get(group_key(g), g.size)
             ratio = next((r for p, r in self.ratios.items() if any(fnmatch.fnmatchcase(m, p) for m in mods)), None)
-            min_keep = max(1, int(math.ceil(orig * (1.0 - self.max_ratio) - 1e-9)))
+            min_keep = max(g.min_keep, int(math.ceil(orig * (1.0 - self.max_ratio) - 1e-9)))
             step = unit_step(g, self.round_to)
             s = _Slot(g, orig, min_keep, step, ratio)
             s.min_keep = min(s.round_keep(min_keep), g.size)
