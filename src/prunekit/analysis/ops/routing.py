@@ -41,7 +41,7 @@ def _grouped_mm(A, op, a, b, offs, bias=None, aligned: bool = False) -> None:
     contracted (mixed unless one side is zero on masked channels), the output takes ``a``'s rows and ``b``'s
     columns; ``b``'s group dim is the block's expert space when it is one (tied to ``offs``), else pinned.
     Other layouts (2-D x 2-D, 3-D x 3-D, a bias) are pinned.  ``aligned``: the kernel needs 16-byte strides
-    (torch's ``_grouped_mm`` on CPU and CUDA), so the kept ``K`` stays a multiple of ``16 / itemsize``."""
+    (torch's ``_grouped_mm`` on CPU and CUDA), so the kept ``K`` and ``N`` stay multiples of ``16 / itemsize``."""
     out = op.outs()[0]
     where = A.where(op)
     if bias is not None or not isinstance(offs, TRef) or len(A.shape(a)) != 2 or len(A.shape(b)) != 3:
@@ -56,8 +56,11 @@ def _grouped_mm(A, op, a, b, offs, bias=None, aligned: bool = False) -> None:
     A.set_zero(out, 1, A.zero(b, 2))
     dtype = A.tape.nodes[a.id].dtype
     if aligned and dtype is not None and 16 % dtype.itemsize == 0:
-        A.require_multiple(A.lay(a, 1), 16 // dtype.itemsize,
-                           f"{where}: the kernel needs the contracted width in multiples of 16 bytes")
+        # the kernel needs 16-byte strides: K for ``a`` and a transposed weight, N for a row-major weight (the
+        # capture keeps no strides, so both; in transformers' experts both are widths aligned anyway)
+        why = f"{where}: the kernel needs widths in multiples of 16 bytes"
+        A.require_multiple(A.lay(a, 1), 16 // dtype.itemsize, why)
+        A.require_multiple(A.lay(b, 2), 16 // dtype.itemsize, why)
     if routed(A, b, 0):
         A.tie([(b, 0), (offs, 0)], where)
     else:
