@@ -104,8 +104,9 @@ def test_prunable_units(arch, impl):
 def test_both_experts_implementations_give_the_same_groups_and_macs(arch):
     _, ga = analysed(arch, "grouped_mm")
     _, gb = analysed(arch, "eager")
-    sig = lambda g: [(x.unit, x.size, x.prunable, x.exact, x.min_keep, sorted((m.fqn, m.dim) for m in x.members))  # noqa: E731
-                     for x in g.groups]
+    def sig(g):
+        return [(x.unit, x.size, x.prunable, x.exact, x.min_keep, sorted((m.fqn, m.dim) for m in x.members))
+                for x in g.groups]
     assert sig(ga) == sig(gb)
     assert ga.macs() == gb.macs() > 0
     experts = [x.id for x in by_unit(ga, "expert")]
@@ -315,3 +316,15 @@ def test_grouped_mm_rule_on_a_plain_model():
     rng = random.Random(0)
     pk.prune(m, g, {k.id: rng.sample(range(32), 8), n.id: rng.sample(range(20), 4)})
     assert m.w.shape == (3, 24, 16) and m.inp.out_features == 24
+
+
+def test_bf16_model_analysed_on_meta():
+    # a checkpoint's dtype, analysed without weight memory: the kernel's alignment is 8 bf16 values
+    model = build("mixtral", "grouped_mm").to(torch.bfloat16)
+    g = pk.analyze(model, inputs(), device="meta")
+    assert g.tape.device == "meta" and g.validation_backend == "meta"
+    assert [x.prunable for x in by_unit(g, "expert")] == [True, True]
+    ffn = ffn_groups(g, "model.layers.0.mlp")[0]
+    assert ffn.prunable and ffn.multiple_of == 8
+    pk.prune(model, g, random_plan(g, seed=4))
+    assert model.model.layers[0].mlp.experts.down_proj.shape[2] % 8 == 0

@@ -58,7 +58,8 @@ def unit_step(g: Group, round_to: int) -> int:
     A unit of a member dim spans ``prod(sizes) / sizes[pos]`` indices (1 for a channel or a depthwise
     conv's group, the channels per group of a grouped conv, the number of heads for a head_dim unit): the
     kept count must make ``kept x span`` a multiple of ``round_to`` in every member, i.e. a multiple of
-    ``round_to / gcd(round_to, span)`` for each of them (their lcm).  Head units are not rounded (1)."""
+    ``round_to / gcd(round_to, span)`` for each of them (their lcm).  Head and expert units are not rounded
+    by ``round_to``; a group's ``multiple_of`` (a kernel's alignment, e.g. ``_grouped_mm``) always applies."""
     step = getattr(g, "multiple_of", 1)  # a kernel's alignment (e.g. _grouped_mm) applies whatever round_to is
     if round_to <= 1 or g.unit in ("head", "expert"):
         return step
