@@ -21,6 +21,8 @@ from .plan.schedules import AGP, Geometric, Linear, LotteryTicket, OneShot, get_
 from .analysis import Group
 from .analysis.ops.registry import register_op, unregister_op
 from .analysis.modules import ModuleSpec, register_module, unregister_module
+from .analysis.experts import ExpertSpec, register_experts, unregister_experts
+from . import hf  # noqa: F401  (registers transformers' MoE blocks by name; imports no transformers)
 from .surgery import PruningError, VerificationError, apply_masks, mask, prune, unmask
 
 from ._version import __version__  # noqa: E402
@@ -32,7 +34,7 @@ __all__ = [
     # teaching prunekit an op
     "register_op", "unregister_op",
     # extending: teach prunekit a custom layer
-    "ModuleSpec", "register_module", "unregister_module",
+    "ModuleSpec", "register_module", "unregister_module", "ExpertSpec", "register_experts", "unregister_experts",
     # measuring, saving, exporting
     "LatencyResult", "Stats", "count", "latency", "CheckpointError", "ExportError", "export", "load",
     "load_state_dict_pruned", "save",

@@ -72,6 +72,12 @@ class PruneGraph:
         mod_objs = dict(model.named_modules())
         shapes = {nd.name: nd.shape for nd in tape.nodes if nd.kind in ("param", "buffer")}
         order_ch = [lid for lid in order if "nonchannel" not in leaf_obj[lid].tags]
+        keep = {C.find(sp).id: k for sp, k in an.min_keep_spaces}
+        multiple: dict[int, tuple[int, str]] = {}
+        for lay, n, why in an.multiples:
+            for s in C.leaves(lay):
+                m, w = multiple.get(s.id, (1, ""))
+                multiple[s.id] = (math.lcm(m, n), w or why)
         for gid, lid in enumerate(order_ch):
             s = leaf_obj[lid]
             mem = members[lid]
@@ -92,10 +98,18 @@ class PruneGraph:
                           "(prunekit could not map this group safely)")
             if prunable and s.size < 2:
                 prunable, reason = False, "single unit"
-            unit = "head" if "head" in s.tags else "head_dim" if "head_dim" in s.tags else \
-                "group" if "group" in s.tags else "channel"
+            unit = "expert" if "expert" in s.tags else "head" if "head" in s.tags else \
+                "head_dim" if "head_dim" in s.tags else "group" if "group" in s.tags else "channel"
             g = Group(id=gid, size=s.size, unit=unit, prunable=prunable, reason=reason, exact=not s.mix,
-                      inexact_reasons=list(s.mix), modules=mods, members=mem, source=src, leaf_id=lid)
+                      inexact_reasons=list(s.mix), modules=mods, members=mem, source=src, leaf_id=lid,
+                      min_keep=keep.get(lid, 1))
+            if g.prunable and g.size <= g.min_keep:
+                g.prunable, g.reason = False, f"only {g.size} {unit}s and {g.min_keep} must stay"
+            m, why = multiple.get(lid, (1, ""))
+            if m > 1:
+                g.multiple_of, g.multiple_why = m, why
+                if g.prunable and (s.size % m or s.size < 2 * m):
+                    g.prunable, g.reason = False, f"kept units must be a multiple of {m} ({why})"
             self.groups.append(g)
             self._leaf_to_group[lid] = g
 

@@ -16,8 +16,11 @@ def random_plan(graph, seed: int = 0, lo: float = 0.3, hi: float = 0.5) -> dict[
     rng = random.Random(seed)
     plan = {}
     for g in graph.prunable_groups:
-        n = min(g.size - 1, max(1, int(round(g.size * rng.uniform(lo, hi)))))
-        plan[g.id] = rng.sample(range(g.size), n)
+        m = g.multiple_of  # kept units a multiple of m (a kernel's alignment) and at least min_keep (router top-k)
+        n = min(g.size - max(g.min_keep, m), max(1, int(round(g.size * rng.uniform(lo, hi)))))
+        n -= n % m
+        if n > 0:
+            plan[g.id] = rng.sample(range(g.size), n)
     return plan
 
 

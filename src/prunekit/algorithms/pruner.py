@@ -60,11 +60,13 @@ def unit_step(g: Group, round_to: int) -> int:
     A unit of a member dim spans ``prod(sizes) / sizes[pos]`` indices (1 for a channel or a depthwise
     conv's group, the channels per group of a grouped conv, the number of heads for a head_dim unit): the
     kept count must make ``kept x span`` a multiple of ``round_to`` in every member, i.e. a multiple of
-    ``round_to / gcd(round_to, span)`` for each of them (their lcm).  Every unit kind is rounded: a head spans
-    head_dim indices (4 heads of 16 with ``round_to=64``), a kv head its query group too."""
-    if round_to <= 1:
-        return 1
-    step = 1
+    ``round_to / gcd(round_to, span)`` for each of them (their lcm).  Channel, group, head_dim and head units
+    are rounded: a head spans head_dim indices (4 heads of 16 with ``round_to=64``), a kv head its query group
+    too.  Expert units are not rounded by ``round_to``; a group's ``multiple_of`` (a kernel's alignment, e.g.
+    ``_grouped_mm``) always applies."""
+    step = getattr(g, "multiple_of", 1)  # a kernel's alignment (e.g. _grouped_mm) applies whatever round_to is
+    if round_to <= 1 or g.unit == "expert":
+        return step
     for m in g.members:
         span = math.prod(m.sizes) // m.sizes[m.pos]
         step = math.lcm(step, round_to // math.gcd(round_to, span))
@@ -87,8 +89,8 @@ class Pruner:
             (channels tied to a depthwise conv; a unit of a grouped conv spans several channels, and the
             channel count it gives is rounded) and head_dim units (the width is heads x head_dim) are kept
             in steps that make every tensor dim the group cuts a multiple of ``round_to`` (see
-            :func:`unit_step`).  Whole heads are not rounded (a head is usually head_dim wide, already a
-            multiple).  A group smaller than one step is not pruned.
+            :func:`unit_step`); whole heads too (their width is a multiple of head_dim).  Experts are not
+            rounded.  A group smaller than one step is not pruned.
         max_ratio: at most this fraction of a group's (original) units is removed; one unit always stays.
         ratios: per-module channel-ratio overrides ``{module or name pattern: ratio}`` (local pruning).
         ignore: modules (objects or fnmatch name patterns) whose output channels are never pruned.  The
@@ -194,7 +196,7 @@ class Pruner:
                 continue
             orig = self._orig.get(group_key(g), g.size)
             ratio = next((r for p, r in self.ratios.items() if any(fnmatch.fnmatchcase(m, p) for m in mods)), None)
-            min_keep = max(1, int(math.ceil(orig * (1.0 - self.max_ratio) - 1e-9)))
+            min_keep = max(g.min_keep, int(math.ceil(orig * (1.0 - self.max_ratio) - 1e-9)))
             step = unit_step(g, self.round_to)
             s = _Slot(g, orig, min_keep, step, ratio)
             s.min_keep = min(s.round_keep(min_keep), g.size)

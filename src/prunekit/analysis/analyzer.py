@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..capture.tape import OpRecord, Tape, TRef
+from . import experts as E
 from . import modules as M
 from . import spaces as C
 from .ops.registry import _SPECS, lookup as _lookup
@@ -82,6 +83,9 @@ class Group:
     members: list[Member]
     source: list[str] = field(default_factory=list)
     leaf_id: int = -1
+    min_keep: int = 1  # units a plan must keep (an expert group: the router's top-k)
+    multiple_of: int = 1  # the kept units must be a multiple of this (a kernel's alignment, e.g. _grouped_mm)
+    multiple_why: str = ""
 
     def slices(self, units: Iterable[int]) -> list[tuple[str, int, torch.Tensor]]:
         """Every (param_fqn, dim, indices) owned by ``units`` of this group."""
@@ -189,6 +193,10 @@ class Analyzer:
                 self._init(nd.id, "model input", False)
             elif nd.kind == "const":
                 self._init(nd.id, "constant tensor created outside parameters (fixed size)", False)
+        # mixture-of-experts blocks: the router rows and stacked expert weights share one expert space
+        self.min_keep_spaces: list[tuple[C.Space, int]] = []  # (expert space, units to keep)
+        self.multiples: list[tuple[Any, int, str]] = []  # (layout, n, why): see require_multiple
+        self.expert_dims = E.prepare(self)
 
     # -- node state
     def _init(self, nid: int, pin: str | None, zero: bool) -> None:
@@ -339,6 +347,12 @@ class Analyzer:
                 for k, v in ints.items():
                     if v == value:
                         self.reshape_cands.setdefault((op.module, k), []).append((op.index, l, j == 0))
+
+    def require_multiple(self, layout, n: int, why: str) -> None:
+        """Every group reaching ``layout`` must keep a multiple of ``n`` units (a kernel that needs aligned
+        strides, e.g. ``_grouped_mm``'s 16 bytes): plans, the dry run and the pruner's rounding respect it."""
+        if n > 1 and layout is not None:
+            self.multiples.append((layout, int(n), why))
 
     def note_scale(self, op: OpRecord, value: float, tensor=None) -> None:
         """A mul/div by a Python number (or SDPA's explicit ``scale``): it may be computed in forward from a size

@@ -4,7 +4,12 @@
     model.config                     # follows the modules after every prune (pk.hf.sync_config)
     pk.hf.save_pretrained(model, "out", tokenizer)
     AutoModelForCausalLM.from_pretrained("out")      # uniform widths; otherwise pk.hf.from_pretrained("out")
+
+Nothing here imports transformers at import time (transformers' classes are matched by qualified name);
+``moe`` registers transformers' mixture-of-experts blocks with :func:`prunekit.register_experts`, so whole
+experts are prunable units.
 """
+from . import moe  # noqa: F401
 from .config import ConfigSync, after_prune, changes, derive, sync_config
 from .io import HFSaveError, config_gaps, from_pretrained, save_pretrained
 

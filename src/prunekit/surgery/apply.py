@@ -38,6 +38,13 @@ def normalize_plan(graph, plan: Plan) -> dict[int, torch.Tensor]:
         if u.numel() >= g.size:
             raise PruningError(f"group {gid}: the plan removes all {g.size} units; keep at least one "
                                "(zero-width layers are not allowed)")
+        if g.size - u.numel() < g.min_keep:
+            raise PruningError(f"group {gid} ({g.unit}s of {', '.join(map(module_label, g.modules[:2]))}): keep at "
+                               f"least {g.min_keep} of {g.size} (each token is routed to {g.min_keep} experts); "
+                               f"the plan keeps {g.size - u.numel()}")
+        if (g.size - u.numel()) % g.multiple_of:
+            raise PruningError(f"group {gid}: the kept units ({g.size - u.numel()}) must be a multiple of "
+                               f"{g.multiple_of} ({g.multiple_why}); drop a multiple of {g.multiple_of}")
         res[gid] = u
     return res
 

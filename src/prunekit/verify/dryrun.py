@@ -347,5 +347,9 @@ def dry_run_plan(groups: list[Group], second: bool = False) -> dict[int, torch.T
         else:
             span = max(1, min(g.size - 2, max(3, g.size // 2)))
             n = 1 + k % span
+        n = max(1, min(n, g.size - g.min_keep))  # an expert group keeps the router's top-k
+        m = g.multiple_of
+        if m > 1:  # a kernel needs the kept width aligned: drop whole multiples
+            n = min(max(m, n // m * m), (g.size - m) // m * m)
         plan[g.id] = torch.arange(n)
     return plan

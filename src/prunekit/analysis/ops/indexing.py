@@ -47,9 +47,10 @@ def _index(A, op):
     A.pin_node(x, f"{where}: advanced indexing")
 
 
-@rule("masked_select", "nonzero", "gather", "scatter", "scatter_add", "scatter_reduce", "index_put", "index_put_",
-      "index_add", "index_copy", "index_fill", "take", "unfold", "im2col", "col2im", "diagonal", "diag", "diag_embed", "sort", "topk", "kthvalue", "_unique2",
-      "searchsorted", "bucketize", "histc", "one_hot", "multinomial", "nonzero_static", "scatter_",
+# (nonzero, topk, histc, one_hot and index_add have rules of their own in ops/routing.py: they carry experts)
+@rule("masked_select", "gather", "scatter", "scatter_add", "scatter_reduce", "index_put", "index_put_",
+      "index_copy", "index_fill", "take", "unfold", "im2col", "col2im", "diagonal", "diag", "diag_embed", "sort",
+      "kthvalue", "_unique2", "searchsorted", "bucketize", "multinomial", "nonzero_static", "scatter_",
       "masked_scatter_", "take_along_dim", "embedding_bag", "_embedding_bag", "fft_rfft2", "fft_irfft2",
       "_fft_r2c", "_fft_c2r", "_fft_c2c", "view_as_complex", structural=True)
 def rearranging(A, op):

@@ -6,6 +6,7 @@ import math
 
 from ...capture.tape import TRef
 from .. import spaces as C
+from ..experts import EXPERT_MIX, routed
 from ._common import norm_dim, norm_dims, rule
 from .reductions import CUMULATIVE, MEAN_LIKE, SUM_LIKE
 
@@ -145,7 +146,10 @@ def _select(A, op):
     x, out = op.args[0], op.outs()[0]
     n = len(A.shape(x))
     dim = norm_dim(op.arg("dim"), n)
-    C.pin(A.lay(x, dim), f"{A.where(op)}: selects one index of this dim")
+    if routed(A, x, dim):  # one expert's weights or mask (transformers' eager expert loop): index follows routing
+        C.mix(A.lay(x, dim), f"{A.where(op)}: {EXPERT_MIX}")
+    else:
+        C.pin(A.lay(x, dim), f"{A.where(op)}: selects one index of this dim")
     for d in range(n - 1):
         A.copy_dim(x, d if d < dim else d + 1, out, d)
 
