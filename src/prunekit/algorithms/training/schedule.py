@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -19,12 +20,15 @@ from .. import regularizers as R
 from ..optim import rebuild_optimizer, remember_param_names, unwrap
 from ..pruner import Pruner
 from ...plan.targets import FlopsTarget
-from ...runs.workdir import read_torch, write_torch
+from ...runs.workdir import ResumeError, Workdir, model_info, read_torch, write_torch
 from .config import _inputs_from_shape, load_config
 from .distributed import average_scores, broadcast_object
 from .masks import MaskHook, _store, keep_masked, masked_to_pruned, masked_units
 
 log = logging.getLogger("prunekit.training")
+
+CHECKPOINT_FORMAT = "prunekit.training"
+CHECKPOINT_VERSION = 1
 
 
 # ---------------------------------------------------------------------------- the schedule's pruner
@@ -167,6 +171,7 @@ class TrainingPruner:
         self.pruned = False
         self.last_epoch: int | None = None
         self.history: list[dict] = []
+        self._start = model_info(self.module, shapes=True)  # the model this run starts from (checked on resume)
 
     # -- schedule
     @property
@@ -324,13 +329,48 @@ class TrainingPruner:
         """Save model weights, pruner state and (optionally) optimizer state to ``path`` (atomically)."""
         opt = optimizer or self.optimizer
         ck = {"model": self.module.state_dict(), "pruner": self.state_dict(),
-              "optimizer": opt.state_dict() if opt is not None else None, "extra": extra}
+              "optimizer": opt.state_dict() if opt is not None else None, "extra": extra,
+              "resume": {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "model": self._start,
+                         "config": self.resume_config()}}
         write_torch(path, ck)
+
+    def resume_config(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the saved one (the config as plain JSON values)."""
+        c = self.config
+        out = {k: v for k, v in c.items() if k not in ("enabled", "verify")}
+        out["criterion"] = c["criterion"].name if isinstance(c["criterion"], Criterion) else c["criterion"]
+        out["ignore"] = list(self.pruner.ignore)
+        return json.loads(json.dumps(out, default=str))
+
+    def _check_resume(self, path: str | Path, ck: Mapping) -> None:
+        """The checkpoint was saved by a TrainingPruner of the same model (architecture fingerprint) and config;
+        else :class:`prunekit.runs.ResumeError`.  Checkpoints of older releases carry no fingerprint: not checked."""
+        saved = ck.get("resume")
+        if saved is None:
+            return
+        p = Path(path)
+        wd = Workdir(p.parent, CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, what="a TrainingPruner checkpoint",
+                     state_file=p.name)
+        if saved.get("format") != CHECKPOINT_FORMAT or int(saved.get("format_version", 0)) > CHECKPOINT_VERSION:
+            raise ResumeError(f"{p}: not a TrainingPruner checkpoint of this prunekit (format "
+                              f"{saved.get('format')!r}, version {saved.get('format_version')!r})")
+        if saved["model"]["fingerprint"] != self._start["fingerprint"]:
+            then, now = saved["model"].get("shapes", {}), self._start["shapes"]
+            diff = [f"{k}: saved {then[k]}, now {now[k]}" for k in then if k in now and now[k] != then[k]][:3]
+            diff += [f"{k} missing" for k in then if k not in now][:2] + [f"{k} unexpected" for k in now
+                                                                          if k not in then][:2]
+            if saved["model"]["class"] != self._start["class"]:
+                diff.insert(0, f"class: saved {saved['model']['class']}, now {self._start['class']}")
+            raise ResumeError(f"{p}: the checkpoint was saved from a different model ({'; '.join(diff)}). Resuming "
+                              "needs a TrainingPruner built on a freshly built original model of the same "
+                              "architecture and config")
+        wd.check_config(saved["config"], self.resume_config(), "Pass the same pruning config to resume.")
 
     def load_checkpoint(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> dict:
         """Resume from :meth:`save_checkpoint`: architecture (pruning record), weights, masks, schedule and
         optimizer state.  Works on a freshly built original model.  Returns the ``extra`` entries."""
         ck = read_torch(path)
+        self._check_resume(path, ck)
         opt = optimizer or self.optimizer
         if opt is not None and opt is not self.optimizer:
             self.attach_optimizer(opt)
