@@ -102,7 +102,7 @@ def fake_ms(module, inputs):
 
 def run(tmp_path=None, name="wd", model=None, **kw):
     model = make() if model is None else model
-    kw.setdefault("budget", ("flops", 0.5))
+    kw.setdefault("target", pk.FlopsTarget(0.5))
     kw.setdefault("finetune_fn", finetune)
     kw.setdefault("eval_fn", evaluate)
     kw.setdefault("delta_crop", 0.15)
@@ -152,7 +152,7 @@ def test_flops_budget_met_and_every_choice_is_the_best_candidate(tmp_path):
 def test_proposals_are_the_smallest_cut_of_the_lowest_ranked_units(tmp_path):
     """With round_to=1 each candidate cuts exactly enough units: one unit fewer misses the budget."""
     model = make()
-    ap = pk.AdaptivePruner(model, X_EXAMPLE, ("flops", 0.8), finetune, evaluate, delta_crop=0.1)
+    ap = pk.AdaptivePruner(model, X_EXAMPLE, pk.FlopsTarget(0.8), finetune, evaluate, delta_crop=0.1)
     graph = ap._pruner.graph
     ap.base = graph.macs()
     goal = 0.9 * ap.base
@@ -169,7 +169,7 @@ def test_proposals_are_the_smallest_cut_of_the_lowest_ranked_units(tmp_path):
 
 
 def test_ties_go_to_the_lowest_candidate_index():
-    ap, _ = run(eval_fn=constant_eval, budget=("flops", 0.6))
+    ap, _ = run(eval_fn=constant_eval, target=pk.FlopsTarget(0.6))
     for e in ap.history:
         assert e["chosen"] == min(c["index"] for c in e["candidates"] if c["metric"] is not None)
         assert e["metric"] == 1.0
@@ -207,7 +207,7 @@ def test_other_model_or_settings_in_the_workdir_are_refused(tmp_path):
     with pytest.raises(WorkdirError, match="started from a different model"):
         run(tmp_path, model=make((16, 24, 32, 32)))
     with pytest.raises(WorkdirError, match="other settings.*budget"):
-        run(tmp_path, budget=("flops", 0.6))
+        run(tmp_path, target=pk.FlopsTarget(0.6))
     pruned = make()
     pk.Pruner(pruned, X_EXAMPLE, "l2", 0.25).prune()
     with pytest.raises(WorkdirError, match="unpruned"):
@@ -216,8 +216,8 @@ def test_other_model_or_settings_in_the_workdir_are_refused(tmp_path):
 
 # ---------------------------------------------------------------- parallel
 def test_parallel_workers_choose_the_same_candidates_as_serial(tmp_path):
-    ap1, serial = run(budget=("flops", 0.6))
-    ap2, parallel = run(budget=("flops", 0.6), workers=2)
+    ap1, serial = run(target=pk.FlopsTarget(0.6))
+    ap2, parallel = run(target=pk.FlopsTarget(0.6), workers=2)
     assert [e["chosen_name"] for e in ap1.history] == [e["chosen_name"] for e in ap2.history]
     for e1, e2 in zip(ap1.history, ap2.history):
         m1 = [c["metric"] for c in e1["candidates"]]
@@ -229,7 +229,7 @@ def test_parallel_workers_choose_the_same_candidates_as_serial(tmp_path):
 
 def test_workers_need_picklable_functions():
     with pytest.raises(TypeError, match="module-level"):
-        pk.AdaptivePruner(make(), X_EXAMPLE, ("flops", 0.5), lambda m, i, c: None, evaluate, workers=2)
+        pk.AdaptivePruner(make(), X_EXAMPLE, pk.FlopsTarget(0.5), lambda m, i, c: None, evaluate, workers=2)
 
 
 # ---------------------------------------------------------------- latency
@@ -245,7 +245,7 @@ def test_latency_table_interpolates_and_keeps_savings_monotone():
 
 def test_latency_budget_uses_the_cached_table_and_logs_measured_latency(tmp_path):
     MEASURED.clear()
-    ap, model = run(tmp_path, budget=("latency", 0.7), measure_fn=fake_ms, delta_crop=0.1)
+    ap, model = run(tmp_path, target=pk.LatencyTarget(0.7), measure_fn=fake_ms, delta_crop=0.1)
     assert "Conv2d" in MEASURED and "BatchNorm2d" in MEASURED  # per-layer timings
     base = fake_ms(make(), X_EXAMPLE)
     assert ap.table.baseline_ms == pytest.approx(base)
@@ -258,35 +258,35 @@ def test_latency_budget_uses_the_cached_table_and_logs_measured_latency(tmp_path
     assert len(cache["tables"]) == 1
     # the cached table is reused: only whole-model cross-checks are measured now
     MEASURED.clear()
-    ap2, _ = run(latency_table=tmp_path / "wd" / "latency_table.json", budget=("latency", 0.7),
+    ap2, _ = run(latency_table=tmp_path / "wd" / "latency_table.json", target=pk.LatencyTarget(0.7),
                  measure_fn=fake_ms, delta_crop=0.1)
     assert set(MEASURED) == {"SmallCNN"} and len(MEASURED) == len(ap2.history)
 
 
 # ---------------------------------------------------------------- constraints and granularity
 def test_round_to_is_respected_by_every_cut_and_the_final_pass(tmp_path):
-    ap, model = run(tmp_path, round_to=4, budget=("flops", 0.6))
+    ap, model = run(tmp_path, round_to=4, target=pk.FlopsTarget(0.6))
     widths = conv_widths(model)
     assert all(w % 4 == 0 for w in widths.values()), widths  # 30 was rounded down at the end
     for e in ap.history:
         for c in e["candidates"]:
             assert c["kept"] is None or all(k % 4 == 0 for k in c["kept"])
     assert pk.count(model, X_EXAMPLE).macs <= 0.6 * pk.count(make(), X_EXAMPLE).macs
-    _, unrounded = run(round_to=4, budget=("flops", 0.6), final_round=False)
+    _, unrounded = run(round_to=4, target=pk.FlopsTarget(0.6), final_round=False)
     assert conv_widths(unrounded)["stage2.1.0"] == 30  # never a good candidate: only the final pass rounds it
 
 
 def test_ignored_layers_keep_their_channels():
-    ap, model = run(ignore=["stage2.0.*"], budget=("flops", 0.6))
+    ap, model = run(ignore=["stage2.0.*"], target=pk.FlopsTarget(0.6))
     assert conv_widths(model)["stage2.0.0"] == 32
     assert all("stage2.0" not in c["name"] for e in ap.history for c in e["candidates"])
     with pytest.raises(ValueError, match="not reachable"):
-        run(ignore=["stage1.*", "stage2.0.*"], budget=("flops", 0.2))
+        run(ignore=["stage1.*", "stage2.0.*"], target=pk.FlopsTarget(0.2))
 
 
 def test_block_granularity_prunes_whole_stages_with_the_default_eval():
     base = pk.count(make(), X_EXAMPLE).macs
-    ap, model = run(granularity="block", eval_fn=None, finetune_fn=None, budget=("params", 0.6))
+    ap, model = run(granularity="block", eval_fn=None, finetune_fn=None, target=pk.ParamsTarget(0.6))
     assert {c["name"] for e in ap.history for c in e["candidates"]} == {"stage1", "stage2"}
     assert sum(p.numel() for p in model.parameters()) <= 0.6 * sum(p.numel() for p in make().parameters())
     assert pk.count(model, X_EXAMPLE).macs < base
@@ -294,9 +294,9 @@ def test_block_granularity_prunes_whole_stages_with_the_default_eval():
 
 
 def test_bad_arguments_are_explained():
-    with pytest.raises(ValueError, match="budget must be"):
-        pk.AdaptivePruner(make(), X_EXAMPLE, ("macs", 0.5))
+    with pytest.warns(DeprecationWarning, match="target"), pytest.raises(ValueError, match="budget must be"):
+        pk.AdaptivePruner(make(), X_EXAMPLE, ("macs", 0.5))  # the old (kind, ratio) spelling, with a wrong kind
     with pytest.raises(ValueError, match="delta_crop"):
-        pk.AdaptivePruner(make(), X_EXAMPLE, ("flops", 0.5), delta_crop=0)
+        pk.AdaptivePruner(make(), X_EXAMPLE, pk.FlopsTarget(0.5), delta_crop=0)
     with pytest.raises(ValueError, match="granularity"):
-        pk.AdaptivePruner(make(), X_EXAMPLE, ("flops", 0.5), granularity="layer")
+        pk.AdaptivePruner(make(), X_EXAMPLE, pk.FlopsTarget(0.5), granularity="layer")

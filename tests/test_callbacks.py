@@ -118,7 +118,7 @@ def test_builtins_without_signature_are_called_as_before():
 def test_adaptive_pruner_calls_finetune_fn_with_what_it_takes(fn, check):
     SEEN.clear()
     final = []
-    ap = pk.AdaptivePruner(make(), X_EXAMPLE, ("flops", 0.9), finetune_fn=fn, eval_fn=lambda m, batches=2: 1.0,
+    ap = pk.AdaptivePruner(make(), X_EXAMPLE, pk.FlopsTarget(0.9), finetune_fn=fn, eval_fn=lambda m, batches=2: 1.0,
                            final_finetune_fn=lambda model, epochs=1: final.append(epochs), delta_crop=0.15)
     ap.run()
     assert check(SEEN), SEEN
@@ -130,11 +130,11 @@ def test_adaptive_pruner_refuses_uncallable_callbacks_at_construction():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(TypeError, match=r"AdaptivePruner: finetune_fn=ft_four\(model, iteration, candidate, "
                                         r"optimizer\) cannot be called"):
-        pk.AdaptivePruner(model, X_EXAMPLE, ("flops", 0.5), finetune_fn=ft_four)
+        pk.AdaptivePruner(model, X_EXAMPLE, pk.FlopsTarget(0.5), finetune_fn=ft_four)
     with pytest.raises(TypeError, match="AdaptivePruner: eval_fn=.*eval_fn\\(model\\)"):
-        pk.AdaptivePruner(model, X_EXAMPLE, ("flops", 0.5), eval_fn=lambda model, loader: 1.0)
+        pk.AdaptivePruner(model, X_EXAMPLE, pk.FlopsTarget(0.5), eval_fn=lambda model, loader: 1.0)
     with pytest.raises(TypeError, match="AdaptivePruner: forward_fn="):
-        pk.AdaptivePruner(model, X_EXAMPLE, ("flops", 0.5), forward_fn=lambda x: model(x))
+        pk.AdaptivePruner(model, X_EXAMPLE, pk.FlopsTarget(0.5), forward_fn=lambda x: model(x))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -170,7 +170,7 @@ def test_prune_iteratively_refuses_uncallable_callbacks_before_pruning():
 
 def test_training_pruner_checks_forward_and_loss_fn():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
-    cfg = {"mac_target": 0.5, "start_epoch": 0, "end_epoch": 1}
+    cfg = {"target": 0.5, "start_epoch": 0, "end_epoch": 1}
     x = torch.randn(1, 3, 8, 8)
     with pytest.raises(TypeError, match=r"TrainingPruner: forward_fn=.*TrainingPruner\(model, config, model.forward\)"):
         pk.TrainingPruner(model, cfg, x, forward_fn=model.forward)

@@ -52,7 +52,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         data = [(torch.randn(8, 3, 8, 8, generator=g) * (1 + 3 * rank), torch.randint(0, 4, (8,), generator=g))
                 for _ in range(3)]
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
-        cfg = {"start_epoch": 0, "end_epoch": 1, "mac_target": 0.6, "criterion": "taylor", "global_pruning": True,
+        cfg = {"start_epoch": 0, "end_epoch": 1, "target": 0.6, "criterion": "taylor", "global_pruning": True,
                "regularization": {"type": "channel", "strength": 1e-3}}
         tp = pk.TrainingPruner(ddp, cfg, example_inputs=x, optimizer=opt, data=data)
         # the data-driven scores really differ per rank: without averaging/broadcast the masks could differ

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import prunekit as pk
-from prunekit.algorithms.learned import LearnedPruning, _channel_map
+from prunekit.algorithms.learned import LearnedPruner, _channel_map
 from prunekit.analysis.analyzer import Member
 from tests.zoo.tricky_models import MatmulAttentionNet, SDPANet
 
@@ -97,7 +97,7 @@ def test_gates_reach_flops_target_and_finalize_removes_channels():
     model, ex = net()
     base = pk.count(model, ex).macs
     target, steps = 0.5, 300
-    lp = LearnedPruning(model, ex, target, steps, seed=0)
+    lp = LearnedPruner(model, ex, pk.FlopsTarget(target), steps, seed=0)
     assert lp.base_macs == base
     lp.prepare()
     hist = train(lp, model, x, y, steps)
@@ -125,7 +125,7 @@ def test_gates_reach_flops_target_and_finalize_removes_channels():
 # ---------------------------------------------------------------------------- the FLOPs loss
 def test_proportion_is_differentiable_and_matches_macs_kept():
     model, ex = net()
-    lp = LearnedPruning(model, ex, 0.5, 100, gate_lr=None)  # gradients stay on the logits (the default: see
+    lp = LearnedPruner(model, ex, pk.FlopsTarget(0.5), 100, gate_lr=None)  # gradients stay on the logits (the default: see
     lp.prepare()                                             # test_learned_short.py)
     model(torch.randn(4, 1, 14, 14))
     p, fl, el, dl = lp.losses(0)
@@ -148,7 +148,7 @@ def test_proportion_is_differentiable_and_matches_macs_kept():
 
 def test_entropy_loss_ramps_and_prefers_decided_gates():
     model, ex = net()
-    lp = LearnedPruning(model, ex, 0.5, 100, entropy_weight=2.0)
+    lp = LearnedPruner(model, ex, pk.FlopsTarget(0.5), 100, entropy_weight=2.0)
     lp.prepare()
     _, _, e_half, _ = lp.losses(50)
     _, _, e_end, _ = lp.losses(100)
@@ -163,18 +163,18 @@ def test_entropy_loss_ramps_and_prefers_decided_gates():
 
 def test_unreachable_target_is_an_error():
     model, ex = net()
-    lp = LearnedPruning(model, ex, 0.5, 10, ignore=["c2", "c3", "c4"])
+    lp = LearnedPruner(model, ex, pk.FlopsTarget(0.5), 10, ignore=["c2", "c3", "c4"])
     assert 0 < lp.prunable_proportion < 0.5
     with pytest.raises(ValueError, match="cannot be reached"):
         lp.prepare()
     with pytest.raises(ValueError, match="fraction of MACs to KEEP"):
-        LearnedPruning(model, ex, 1.5, 10)
+        LearnedPruner(model, ex, pk.FlopsTarget(1.0), 10)  # a FlopsTarget may keep all; gates must cut
 
 
 # ---------------------------------------------------------------------------- gates
 def test_eval_gates_are_deterministic_and_train_gates_are_seeded():
     model, ex = net()
-    lp = LearnedPruning(model, ex, 0.5, 100, seed=3)
+    lp = LearnedPruner(model, ex, pk.FlopsTarget(0.5), 100, seed=3)
     lp.prepare()
     close_some(lp)
     x = torch.randn(4, 1, 14, 14)
@@ -195,7 +195,7 @@ def test_eval_gates_are_deterministic_and_train_gates_are_seeded():
 
     def run_train_forward():
         m, ex2 = net()
-        lp2 = LearnedPruning(m, ex2, 0.5, 100, seed=3)
+        lp2 = LearnedPruner(m, ex2, pk.FlopsTarget(0.5), 100, seed=3)
         lp2.prepare()
         with torch.no_grad():
             return m(x)
@@ -204,15 +204,15 @@ def test_eval_gates_are_deterministic_and_train_gates_are_seeded():
 
 def test_temperature_anneals():
     model, ex = net()
-    lp = LearnedPruning(model, ex, 0.5, 100, temperature_start=2.0, temperature_end=0.5)
+    lp = LearnedPruner(model, ex, pk.FlopsTarget(0.5), 100, temperature_start=2.0, temperature_end=0.5)
     assert lp.temperature(0) == pytest.approx(2.0)
     assert lp.temperature(50) == pytest.approx(1.0)
     assert lp.temperature(100) == pytest.approx(0.5) and lp.temperature(500) == pytest.approx(0.5)
 
 
-def test_block_mode_keeps_multiples_of_block_size():
+def test_block_mode_keeps_multiples_of_gate_size():
     model, ex = net()
-    lp = LearnedPruning(model, ex, 0.5, 100, block_size=4)
+    lp = LearnedPruner(model, ex, pk.FlopsTarget(0.5), 100, gate_size=4)
     lp.prepare()
     sizes = {gid: g.group.size for gid, g in lp.gates.items()}
     assert all(g.logit.numel() == sizes[gid] // 4 for gid, g in lp.gates.items())
@@ -230,7 +230,7 @@ def test_block_mode_keeps_multiples_of_block_size():
 
 def test_ignore_patterns_and_modules():
     model, ex = net()
-    lp = LearnedPruning(model, ex, 0.6, 100, ignore=["c1", model.c3])
+    lp = LearnedPruner(model, ex, pk.FlopsTarget(0.6), 100, ignore=["c1", model.c3])
     gated = {s for g in lp.groups for s in g.source}
     assert "c1" not in gated and "c3" not in gated and {"c2", "c4"} <= gated
     lp.prepare()
@@ -245,7 +245,7 @@ def test_ignore_patterns_and_modules():
 def test_head_gates_repeat_over_head_dim(cls, proj):
     torch.manual_seed(0)
     model, ex = cls(), torch.randn(2, 6, 5)
-    lp = LearnedPruning(model, ex, 0.9, 100)
+    lp = LearnedPruner(model, ex, pk.FlopsTarget(0.9), 100)
     heads = next(g for g in lp.groups if g.unit == "head")
     n_heads, hd = model.attn.num_heads, model.attn.head_dim
     lp.prepare()
@@ -279,7 +279,7 @@ def test_channel_map_merges_members_of_one_weight():
 # ---------------------------------------------------------------------------- distillation & checkpoints
 def test_distillation_loss_against_frozen_teacher():
     model, ex = net()
-    lp = LearnedPruning(model, ex, 0.5, 100, distill_weight=2.0)
+    lp = LearnedPruner(model, ex, pk.FlopsTarget(0.5), 100, distill_weight=2.0)
     lp.prepare()
     x = torch.randn(4, 1, 14, 14)
     model.eval()
@@ -300,17 +300,17 @@ def test_distillation_loss_against_frozen_teacher():
 
 def test_state_dict_round_trip():
     model, ex = net()
-    lp = LearnedPruning(model, ex, 0.5, 100)
+    lp = LearnedPruner(model, ex, pk.FlopsTarget(0.5), 100)
     lp.prepare()
     close_some(lp)
     lp.set_step(42)
     state = lp.state_dict()
     model2, _ = net()
-    lp2 = LearnedPruning(model2, ex, 0.5, 100)
+    lp2 = LearnedPruner(model2, ex, pk.FlopsTarget(0.5), 100)
     lp2.prepare()
     lp2.load_state_dict(state)
     assert lp2.step == 42 and lp2.plan() == lp.plan()
-    lp3 = LearnedPruning(net()[0], ex, 0.5, 100, ignore=["c1"])
+    lp3 = LearnedPruner(net()[0], ex, pk.FlopsTarget(0.5), 100, ignore=["c1"])
     lp3.prepare()
     with pytest.raises(ValueError, match="ignore/block_size"):
         lp3.load_state_dict(state)

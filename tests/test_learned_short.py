@@ -65,7 +65,7 @@ def test_short_run_reaches_the_target_with_any_optimizer(opt_name, steps, caplog
     assert acc0 > 0.9
     ex = torch.randn(2, 1, 14, 14)
     target = 0.5
-    lp = pk.LearnedPruning(model, ex, target_flops_ratio=target, num_steps=steps)
+    lp = pk.LearnedPruner(model, ex, pk.FlopsTarget(target), num_steps=steps)
     lp.prepare_for_pruning()  # the torch-dag names
     opt = OPTIMIZERS[opt_name]([*model.parameters(), *lp.parameters()])  # the gates given to it as well
     g = torch.Generator().manual_seed(2)
@@ -99,7 +99,7 @@ def test_short_run_reaches_the_target_with_any_optimizer(opt_name, steps, caplog
 def test_gate_gradients_go_to_the_pruners_own_optimizer():
     x, y = teacher_data(256)
     model = trained_cnn(x, y, width=8, steps=10)
-    lp = pk.LearnedPruning(model, torch.randn(2, 1, 14, 14), 0.5, 100)
+    lp = pk.LearnedPruner(model, torch.randn(2, 1, 14, 14), pk.FlopsTarget(0.5), 100)
     lp.prepare()
     opt = torch.optim.SGD([*model.parameters(), *lp.parameters()], lr=1e-4)
     model.train()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import prunekit as pk
-from prunekit.algorithms.slices import SlicePruning, slice_norms
+from prunekit.algorithms.slices import SlicePruner, slice_norms
 
 
 @pytest.fixture(autouse=True)
@@ -65,18 +65,18 @@ def test_slice_is_one_input_position_across_a_block_of_filters():
 
 def test_default_layers_skip_first_and_last_and_patterns_select():
     model = net()
-    sp = SlicePruning(model)
+    sp = SlicePruner(model)
     assert list(sp.layers) == ["c1", "c2", "fc1"]
-    assert list(SlicePruning(model, layers=["c*", model.head]).layers) == ["c1", "c2", "head"]
+    assert list(SlicePruner(model, layers=["c*", model.head]).layers) == ["c1", "c2", "head"]
     with pytest.raises(ValueError, match="matches no conv or linear"):
-        SlicePruning(model, layers=["nope*"])
+        SlicePruner(model, layers=["nope*"])
     with pytest.raises(ValueError, match="target_sparsity"):
-        SlicePruning(model, target_sparsity=1.0)
+        SlicePruner(model, target_sparsity=1.0)
 
 
 def test_masking_one_slice_zeroes_exactly_its_weights():
     model = net()
-    sp = SlicePruning(model, layers=["c1"], block=4)
+    sp = SlicePruner(model, layers=["c1"], block=4)
     w0 = model.c1.weight.detach().clone()
     sp.masks["c1"][1, 5] = False  # block 1 = filters 4..7; slice 5 = input channel 0, kernel position (1, 2)
     sp.apply_masks()
@@ -88,7 +88,7 @@ def test_masking_one_slice_zeroes_exactly_its_weights():
 # ---------------------------------------------------------------------------- schedule
 def test_schedule_reaches_target_sparsity_within_one_slice():
     model = net()
-    sp = SlicePruning(model, block=4, target_sparsity=0.6, start_step=10, end_step=50, every=10, reg=0)
+    sp = SlicePruner(model, block=4, target_sparsity=0.6, start_step=10, end_step=50, every=10, reg=0)
     assert sp.step(0) is False and sp.sparsity()["overall"] == 0.0
     seen = []
     for step in range(0, 61):
@@ -112,7 +112,7 @@ def test_schedule_reaches_target_sparsity_within_one_slice():
 
 def test_masks_take_the_smallest_slices_and_only_grow():
     model = net()
-    sp = SlicePruning(model, layers=["fc1"], block=2, reg=0)
+    sp = SlicePruner(model, layers=["fc1"], block=2, reg=0)
     with torch.no_grad():
         model.fc1.weight.mul_(10)
         model.fc1.weight[2:4, 7] = 0.01  # block 1, input column 7: the smallest slice
@@ -128,7 +128,7 @@ def test_masks_take_the_smallest_slices_and_only_grow():
 def test_masks_stay_zero_after_optimizer_steps():
     model = net()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    sp = SlicePruning(model, target_sparsity=0.5, start_step=0, end_step=0, reg=1e-3)
+    sp = SlicePruner(model, target_sparsity=0.5, start_step=0, end_step=0, reg=1e-3)
     sp.attach(opt)
     sp.step(0)
     before = sp.sparsity()
@@ -157,7 +157,7 @@ def test_regularization_shrinks_slice_norms():
     def run(reg):
         model = net()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        sp = SlicePruning(model, reg=reg)
+        sp = SlicePruner(model, reg=reg)
         for x, y in batches(40):
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
@@ -175,7 +175,7 @@ def test_regularization_shrinks_slice_norms():
 
 def test_loss_gradient_equals_regularize():
     model = net()
-    sp = SlicePruning(model, reg=0.1)
+    sp = SlicePruner(model, reg=0.1)
     sp.mask_to(0.25)
     sp.loss().backward()
     from_loss = {n: m.weight.grad.clone() for n, m in sp.layers.items()}
@@ -196,14 +196,14 @@ def test_loss_gradient_equals_regularize():
 
 def test_state_dict_round_trip():
     model = net()
-    sp = SlicePruning(model, target_sparsity=0.4, start_step=0, end_step=0)
+    sp = SlicePruner(model, target_sparsity=0.4, start_step=0, end_step=0)
     sp.step(0)
     state = sp.state_dict()
     model2 = net(seed=5)
-    sp2 = SlicePruning(model2, target_sparsity=0.4, start_step=0, end_step=0)
+    sp2 = SlicePruner(model2, target_sparsity=0.4, start_step=0, end_step=0)
     sp2.load_state_dict(state)
     assert sp2.sparsity()["layers"] == pytest.approx(sp.sparsity()["layers"])
     assert sp2.step(5) is False  # the final masking round was already done
     with pytest.raises(ValueError, match="same layers"):
-        SlicePruning(net(), layers=["c1"]).load_state_dict(state)
-    assert pk.SlicePruning is SlicePruning
+        SlicePruner(net(), layers=["c1"]).load_state_dict(state)
+    assert pk.SlicePruner is SlicePruner

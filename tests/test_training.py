@@ -341,7 +341,7 @@ def test_l2_histograms_data_and_checkpoints(tmp_path):
 
 
 # ---------------------------------------------------------------------------- TrainingPruner
-BASE_CFG = {"start_epoch": 1, "end_epoch": 4, "epoch_rate": 1, "mac_target": 0.5,
+BASE_CFG = {"start_epoch": 1, "end_epoch": 4, "epoch_rate": 1, "target": 0.5,
             "regularization": {"type": "channel", "strength": 1e-3, "alpha": 4}}
 
 
@@ -387,15 +387,15 @@ def test_training_pruner_reaches_mac_target(glob):
     assert model(x).shape == (2, 4)
 
 
-def test_training_pruner_layers_and_block_size():
-    cfg = dict(BASE_CFG, layers=["c2"], block_size=4, mac_target=0.7, regularization=None)
+def test_training_pruner_layers_and_round_to():
+    cfg = dict(BASE_CFG, layers=["c2"], round_to=4, target=0.7, regularization=None)
     model, x, *_ = _run_schedule(cfg)
     assert model.c1.out_channels == 24
     assert model.c2.out_channels < 48 and model.c2.out_channels % 4 == 0
 
 
 def test_training_pruner_schedule_full_stops_at_target():
-    cfg = dict(BASE_CFG, schedule="full", start_epoch=0, end_epoch=9, mac_target=0.6, regularization=None)
+    cfg = dict(BASE_CFG, schedule="full", start_epoch=0, end_epoch=9, target=0.6, regularization=None)
     model, x, opt, tp, base, fracs = _run_schedule(cfg, epochs=10)
     assert tp.pruned and len(tp.history) < 10  # target reached before end_epoch
     assert pk.count(model, x).macs / base <= 0.6 * 1.05
@@ -403,28 +403,29 @@ def test_training_pruner_schedule_full_stops_at_target():
 
 def test_training_pruner_config_from_files(tmp_path):
     pj = tmp_path / "pruning_config.json"
-    pj.write_text(json.dumps({"channel_sparsity_args": dict(BASE_CFG, block_size=2),
+    seed = {("mac_target" if k == "target" else k): v for k, v in BASE_CFG.items()}  # a SIRC-style file: old key names
+    pj.write_text(json.dumps({"channel_sparsity_args": dict(seed, block_size=2),
                               "slice_sparsity_args": {"block_size": 4}}))
     cfg = load_config(pj)
-    assert cfg["block_size"] == 2 and cfg["slice_args"] == {"block_size": 4} and cfg["mac_target"] == 0.5
+    assert cfg["round_to"] == 2 and cfg["slice_args"] == {"block_size": 4} and cfg["target"] == 0.5
     py = tmp_path / "cfg.yaml"
-    py.write_text("mac_target: 0.6\nend_epoch: 3\nlayers: [c1]\n")
+    py.write_text("target: 0.6\nend_epoch: 3\nlayers: [c1]\n")
     cfg = load_config(py)
     assert cfg["layers"] == ["c1"] and cfg["end_epoch"] == 3
 
 
 @pytest.mark.parametrize("cfg, key", [
-    ({"mac_target": 0.5, "strat_epoch": 2}, "strat_epoch"),
-    ({"end_epoch": 3}, "mac_target"),
-    ({"mac_target": 1.5}, "mac_target"),
-    ({"mac_target": 0.5, "start_epoch": 5, "end_epoch": 2}, "end_epoch"),
-    ({"mac_target": 0.5, "epoch_rate": 0}, "epoch_rate"),
-    ({"mac_target": 0.5, "block_size": 1.5}, "block_size"),
-    ({"mac_target": 0.5, "max_pruning_rate": 0}, "max_pruning_rate"),
-    ({"mac_target": 0.5, "global_pruning": "yes"}, "global_pruning"),
-    ({"mac_target": 0.5, "regularization": {"type": "l0"}}, "regularization.type"),
-    ({"mac_target": 0.5, "regularization": {"type": "channel", "lam": 1}}, "regularization.lam"),
-    ({"mac_target": 0.5, "layers": []}, "layers"),
+    ({"target": 0.5, "strat_epoch": 2}, "strat_epoch"),
+    ({"end_epoch": 3}, "target"),
+    ({"target": 1.5}, "target"),
+    ({"target": 0.5, "start_epoch": 5, "end_epoch": 2}, "end_epoch"),
+    ({"target": 0.5, "epoch_rate": 0}, "epoch_rate"),
+    ({"target": 0.5, "round_to": 1.5}, "round_to"),
+    ({"target": 0.5, "max_ratio": 0}, "max_ratio"),
+    ({"target": 0.5, "global_pruning": "yes"}, "global_pruning"),
+    ({"target": 0.5, "regularization": {"type": "l0"}}, "regularization.type"),
+    ({"target": 0.5, "regularization": {"type": "channel", "lam": 1}}, "regularization.lam"),
+    ({"target": 0.5, "layers": []}, "layers"),
 ])
 def test_training_pruner_config_errors_name_the_key(cfg, key):
     model, x = tiny()
@@ -435,10 +436,10 @@ def test_training_pruner_config_errors_name_the_key(cfg, key):
 def test_training_pruner_layers_matching_nothing_and_unreachable_target():
     model, x = tiny()
     with pytest.raises(ValueError, match="layers"):
-        pk.TrainingPruner(model, {"mac_target": 0.5, "layers": ["nope*"]}, example_inputs=x)
-    tp = pk.TrainingPruner(model, {"mac_target": 0.1, "max_pruning_rate": 0.2, "start_epoch": 0, "end_epoch": 0},
+        pk.TrainingPruner(model, {"target": 0.5, "layers": ["nope*"]}, example_inputs=x)
+    tp = pk.TrainingPruner(model, {"target": 0.1, "max_ratio": 0.2, "start_epoch": 0, "end_epoch": 0},
                            example_inputs=x)
-    with pytest.raises(ValueError, match="max_pruning_rate"):
+    with pytest.raises(ValueError, match="max_ratio"):
         tp.step(0)
 
 

@@ -122,7 +122,7 @@ def test_learned_pruner_reaches_flops_target_and_the_old_spellings_match():
                 lp = pk.LearnedPruner(model, X, target_flops_ratio=target, num_steps=steps)
         else:
             with pytest.warns(DeprecationWarning, match="LearnedPruning.*LearnedPruner"):
-                lp = pk.LearnedPruning(model, X, target, steps)
+                lp = pk.LearnedPruning(model, X, pk.FlopsTarget(target), steps)
             assert isinstance(lp, pk.LearnedPruner)
         lp.prepare()
         _learned_train(lp, model, steps)
@@ -208,8 +208,11 @@ def test_training_pruner_target_and_old_config_keys_give_the_same_model():
     assert all(c.out_channels % 2 == 0 for c in (m_new.c1, m_new.c2, m_new.c3))
     tp2 = no_deprecation(pk.TrainingPruner, m_cfg, dict(cfg, target=0.6, round_to=2, max_ratio=0.9), X)
     _train_schedule(tp2, m_cfg)
-    with pytest.warns(DeprecationWarning, match="'mac_target'.*'target'"):
+    with pytest.warns(DeprecationWarning) as caught:
         tp3 = pk.TrainingPruner(m_old, dict(cfg, mac_target=0.6, block_size=2, max_pruning_rate=0.9), X)
+    assert sorted(str(w.message) for w in caught) == [f"pruning config key {old!r} is deprecated; use {new!r}" for old, new
+                                                      in (("block_size", "round_to"), ("mac_target", "target"),
+                                                          ("max_pruning_rate", "max_ratio"))]
     _train_schedule(tp3, m_old)
     assert same_weights(m_new, m_cfg) and same_weights(m_new, m_old)
     with pytest.warns(DeprecationWarning, match="'block_size'.*'round_to'"):

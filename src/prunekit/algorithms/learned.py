@@ -97,14 +97,22 @@ class _Gate:
     logit: nn.Parameter      # [n_blocks]
     block_len: torch.Tensor  # [n_blocks] float: units in each block
     unit_block: torch.Tensor  # [group.size] long: the block of each unit
+    min_units: int = 1  # units that always stay (max_ratio); at least one block
+
+    def floor(self) -> torch.Tensor:
+        """The blocks that stay whatever the logits (bool): the highest-logit blocks holding ``min_units`` units
+        (ties: the first block), at least one."""
+        order = torch.argsort(self.logit.detach(), descending=True, stable=True)
+        need = int(torch.searchsorted(torch.cumsum(self.block_len[order], 0),
+                                      torch.tensor(float(self.min_units), dtype=self.block_len.dtype,
+                                                   device=self.block_len.device)))
+        keep = torch.zeros(self.logit.shape, dtype=torch.bool, device=self.logit.device)
+        keep[order[:max(1, need + 1)]] = True
+        return keep
 
     def hard(self) -> torch.Tensor:
-        """Deterministic block gates (bool): open where sigmoid(logit) > 0.5, at least one block open."""
-        keep = self.logit.detach() > 0
-        if not keep.any():
-            keep = torch.zeros_like(keep)
-            keep[int(self.logit.detach().argmax())] = True
-        return keep
+        """Deterministic block gates (bool): open where sigmoid(logit) > 0.5, and the :meth:`floor` blocks."""
+        return (self.logit.detach() > 0) | self.floor()
 
 
 @dataclass
@@ -186,6 +194,8 @@ class LearnedPruner:
         round_to: kept widths are multiples of this, as for :class:`prunekit.Pruner` (a gate spans a multiple
             of the unit step that gives ``round_to``; with ``gate_size`` their lcm).
         ignore: modules (objects or fnmatch name patterns) whose output channels are never pruned.
+        max_ratio: at most this fraction of a gated group's units goes, as for :class:`prunekit.Pruner` (the
+            highest-logit gates holding the rest stay open; one gate always does).
         entropy_weight, flops_weight, distill_weight: loss weights (see the module docstring).
         symmetric: weight of the two-sided part of the FLOPs loss (pull back up when under the target).
         temperature_start, temperature_end: relaxation temperature at step 0 and at ``num_steps``.
@@ -204,7 +214,7 @@ class LearnedPruner:
 
     def __init__(self, model: nn.Module, example_inputs: Any, target: Any = None, num_steps: int | None = None, *,
                  forward_fn: Callable | None = None, gate_size: int | None = None, round_to: int = 1,
-                 ignore: Iterable[Any] | None = None,
+                 ignore: Iterable[Any] | None = None, max_ratio: float = 1.0,
                  entropy_weight: float = 1.0, flops_weight: float = 3.0, distill_weight: float = 0.0,
                  symmetric: float = 0.1, temperature_start: float = 1.0, temperature_end: float = 0.1,
                  init_logit: float = 3.0, seed: int = 0, prune_outputs: bool = False, verify: bool = True,
@@ -239,6 +249,8 @@ class LearnedPruner:
             raise TypeError(f"{owner} needs num_steps (training steps over which gates are annealed)")
         if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
             raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
+        if isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float)) or not 0.0 < max_ratio <= 1.0:
+            raise ValueError(f"max_ratio must be in (0, 1], got {max_ratio!r}")
         block_size = gate_size
         if not isinstance(model, nn.Module):
             raise TypeError(f"{owner} expects an nn.Module, got {type(model).__name__}")
@@ -278,6 +290,7 @@ class LearnedPruner:
         self.num_steps = num_steps
         self.gate_size = self.block_size = block_size  # block_size: the name of the first releases
         self.round_to = round_to
+        self.max_ratio = float(max_ratio)
         self.entropy_weight, self.flops_weight = float(entropy_weight), float(flops_weight)
         self.distill_weight, self.symmetric = float(distill_weight), float(symmetric)
         self.temperature_start, self.temperature_end = float(temperature_start), float(temperature_end)
@@ -326,12 +339,21 @@ class LearnedPruner:
     def _blocks(self, g: Group) -> torch.Tensor:
         return torch.arange(g.size) // self._block_len(g)
 
+    def _min_units(self, g: Group) -> int:
+        """Units of ``g`` that always stay: at most ``max_ratio`` of them go (as for :class:`prunekit.Pruner`)."""
+        return max(1, int(math.ceil(g.size * (1.0 - self.max_ratio) - 1e-9)))
+
+    def _min_kept(self, g: Group) -> int:
+        """Fewest units the gates of ``g`` can keep: whole blocks holding :meth:`_min_units`, at least one."""
+        n = self._block_len(g)
+        return min(g.size, max(n, int(math.ceil(self._min_units(g) / n)) * n))
+
     @property
     def prunable_proportion(self) -> float:
         """Fraction of the baseline MACs the gates can remove: every gated group down to one block."""
         if self.base_macs == 0:
             return 0.0
-        kept = {g.id: min(g.size, self._block_len(g)) for g in self.groups}
+        kept = {g.id: self._min_kept(g) for g in self.groups}
         return 1.0 - float(self.graph.macs_kept(kept)) / self.base_macs
 
     # ------------------------------------------------------------------ prepare
@@ -346,7 +368,7 @@ class LearnedPruner:
         if self.target < reach - 1e-9:
             raise ValueError(f"target_flops_ratio={self.target} cannot be reached: with every gated group down to one "
                              f"block the model keeps {reach:.1%} of its MACs. Raise the target, ignore fewer modules "
-                             "or use a smaller block_size")
+                             "or use a smaller gate_size (or a larger max_ratio)")
         if self.distill_weight > 0:
             self.teacher = copy.deepcopy(self.model)
             for p in self.teacher.parameters():
@@ -361,7 +383,7 @@ class LearnedPruner:
             logit = nn.Parameter(torch.full((n,), self.init_logit, dtype=ref.dtype if ref.is_floating_point()
                                             else torch.float32, device=ref.device))
             lens = torch.bincount(blocks).to(ref.device, logit.dtype)
-            self.gates[g.id] = _Gate(g, logit, lens, blocks.to(ref.device))
+            self.gates[g.id] = _Gate(g, logit, lens, blocks.to(ref.device), self._min_units(g))
             norms = set()  # the group's norm layers whose output layout we know
             for m in g.members:
                 mname, _, attr = m.fqn.rpartition(".")
@@ -581,8 +603,8 @@ class LearnedPruner:
         lens = torch.cat([self.gates[gid].block_len.to("cpu", torch.float64) for gid in gids])
         index = torch.cat([torch.full((self.gates[gid].logit.numel(),), i, dtype=torch.long)
                            for i, gid in enumerate(gids)])
-        top_len = torch.stack([self.gates[gid].block_len[int(self.gates[gid].logit.detach().argmax())].cpu().double()
-                               for gid in gids])  # the block hard() keeps when all are closed
+        top_len = torch.stack([self.gates[gid].block_len[self.gates[gid].floor()].sum().cpu().double()
+                               for gid in gids])  # the units hard() keeps when all are closed (its floor)
         return {"gids": gids, "z": z, "lens": lens, "index": index, "top_len": top_len}
 
     def _proportion_at(self, flat: Mapping[str, Any], shift: float, hardness: float) -> float:
@@ -594,7 +616,7 @@ class LearnedPruner:
             out += (1.0 - hardness) * float(self.graph.macs_kept(dict(zip(gids, soft.tolist())))) / self.base_macs
         if hardness > 0.0:
             hard = torch.zeros(len(gids), dtype=z.dtype).index_add_(0, index, (z > 0).to(z.dtype) * lens)
-            hard = torch.where(hard > 0, hard, flat["top_len"])
+            hard = torch.maximum(hard, flat["top_len"])  # open blocks and floor are both top blocks by logit
             out += hardness * float(self.graph.macs_kept(dict(zip(gids, hard.tolist())))) / self.base_macs
         return out
 

@@ -240,19 +240,24 @@ def split_term_at(t: Term, off: int) -> tuple[Term, Term]:
     raise TieError(f"cut at {off} falls inside a product with stride {stride}")
 
 
+def _expand_head(factors: list[Space], head: Space) -> None:
+    """Replace ``factors[0]`` (``head``, a space with a product decomposition) by its factors, in place (size-1
+    factors dropped); a decomposition into a concatenation cannot be expanded inside a product."""
+    ex = expand_space(head)
+    if len(ex) != 1:
+        raise TieError("concatenation inside a product")
+    factors[0:1] = [z for z in ex[0] if z.size != 1]
+
+
 def _tie_terms(t1: Term, t2: Term) -> None:
     a = [find(s) for s in t1 if find(s).size != 1]
     b = [find(s) for s in t2 if find(s).size != 1]
     while a and b:
         x, y = find(a[0]), find(b[0])
         if x.decomp is not None or y.decomp is not None:
-            # expand in place (product decompositions only)
             for lst, s in ((a, x), (b, y)):
                 if s.decomp is not None:
-                    ex = expand_space(s)
-                    if len(ex) != 1:
-                        raise TieError("concatenation inside a product")
-                    lst[0:1] = [z for z in ex[0] if z.size != 1]
+                    _expand_head(lst, s)
             continue
         if x.size == y.size:
             _union_leaves(x, y)
@@ -351,10 +356,7 @@ def split_sizes(l: Layout, sizes: Sequence[int]) -> list[Layout]:
                 raise TieError("reshape sizes do not match")
             x = find(fac[0])
             if x.decomp is not None:
-                e = expand_space(x)
-                if len(e) != 1:
-                    raise TieError("concatenation inside a product")
-                fac[0:1] = [z for z in e[0] if z.size != 1]
+                _expand_head(fac, x)
                 continue
             need = n // prod
             if n % prod:

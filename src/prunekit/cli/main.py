@@ -9,15 +9,16 @@ import argparse
 import fnmatch
 import json
 import logging
-import re
 import sys
 import traceback
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .common import FAILURE, CLIError, Steps, before_after, human
+from .common import FAILURE, CLIError, Steps
 from .models import FORMS, FORMS_HELP, LoadedModel, list_models, load_model, parse_shape
+from .report import (analyze_report, analyze_text, changed_layers as _changed_layers, prune_report,
+                     prune_text as _prune_text, snapshot as _snapshot, widths as _widths)
+from .report import pinned_groups as _pinned, pinned_text as _pinned_text, versions as _versions  # noqa: F401 (old names)
 from ..analysis.analyzer import module_label
 
 EPILOG = f"""MODEL forms: {FORMS_HELP}.
@@ -144,13 +145,6 @@ def _emit(report: dict, as_json: bool, text: list[str]) -> None:
     print(json.dumps(report, indent=2, default=str) if as_json else "\n".join(text))
 
 
-def _versions() -> dict[str, str]:
-    import torch
-
-    import prunekit as pk
-    return {"prunekit_version": pk.__version__, "torch_version": str(torch.__version__)}
-
-
 # ---------------------------------------------------------------------------------------------- list-models
 def cmd_list_models(args, parser, argv) -> int:
     found = list_models(args.pattern)
@@ -205,29 +199,6 @@ def _load(args, shape, steps: Steps) -> LoadedModel:
             raise CLIError(f"could not build {args.model!r}: {type(e).__name__}: {e}", FAILURE) from e
 
 
-def _pinned(graph) -> list[dict[str, Any]]:
-    """Pinned groups by reason; block indices in module names are folded (``blocks.3.attn`` -> ``blocks.*.attn``)
-    so that one reason repeated in every block is one row."""
-    by_reason: dict[str, list] = defaultdict(list)
-    for g in graph.groups:
-        if not g.prunable:
-            by_reason[re.sub(r"(?<=[A-Za-z_]\.)\d+(?=\.|\b)", "*", g.reason or "not prunable")].append(g)
-    return [{"reason": r, "count": len(gs), "groups": [g.id for g in gs],
-             "modules": list(dict.fromkeys(m for g in gs for m in g.modules))[:10]}
-            for r, gs in sorted(by_reason.items(), key=lambda kv: -len(kv[1]))]
-
-
-def _pinned_text(pinned: list[dict]) -> list[str]:
-    if not pinned:
-        return ["Pinned groups: none"]
-    lines = [f"Pinned groups: {sum(p['count'] for p in pinned)} (not prunable), by reason:"]
-    for p in pinned:
-        mods = ", ".join(m or "<root>" for m in p["modules"][:3]) + (", ..." if len(p["modules"]) > 3 else "")
-        reason = p["reason"] if len(p["reason"]) <= 140 else p["reason"][:137] + "..."
-        lines.append(f"  {p['count']:>4} x {reason}" + (f"  [{mods}]" if mods else ""))
-    return lines
-
-
 # ---------------------------------------------------------------------------------------------- analyze
 def cmd_analyze(args, parser, argv) -> int:
     import prunekit as pk
@@ -240,25 +211,8 @@ def cmd_analyze(args, parser, argv) -> int:
     with steps("count", "counting MACs and parameters"):
         stats = pk.count(graph)
         proportion = graph.prunable_proportion
-    pinned = _pinned(graph)
-    report = {
-        **_versions(), "command": "analyze", "model": args.model, "model_class": type(lm.model).__name__,
-        "input": lm.input_desc, "seed": args.seed, "analysis_seconds": round(graph.analysis_seconds, 3),
-        "groups": {"total": len(graph.groups), "prunable": len(graph.prunable_groups),
-                   "exact": sum(1 for g in graph.prunable_groups if g.exact),
-                   "pinned": len(graph.groups) - len(graph.prunable_groups)},
-        "macs": stats.macs, "flops": stats.flops, "params": stats.params,
-        "prunable_proportion": proportion, "pinned_groups": pinned, "unsupported_ops": graph.unsupported_ops,
-        "group_list": [{"id": g.id, "unit": g.unit, "size": g.size, "prunable": g.prunable, "exact": g.exact,
-                        "reason": g.reason, "source": g.source, "modules": g.modules} for g in graph.groups],
-        "timings_s": steps.times,
-    }
-    text = [f"{args.model} ({type(lm.model).__name__}), input {lm.input_desc}", "", graph.summary(), "",
-            f"MACs {human(stats.macs)}, FLOPs {human(stats.flops)}, params {human(stats.params)}",
-            f"Prunable proportion: {proportion:.1%} of the FLOPs can be removed (every prunable group down to "
-            "one unit)", *_pinned_text(pinned), f"Analysis time: {graph.analysis_seconds:.2f} s"]
-    if args.groups:
-        text += ["", "Prunable groups:", *("  " + line for line in graph.log_groups(logging.DEBUG))]
+    report = analyze_report(args, lm, graph, stats, proportion, steps.times)
+    text = analyze_text(args, lm, graph, report)
     _emit(report, args.json, text)
     return 0
 
@@ -338,41 +292,6 @@ def _random_data(model, x, n: int):
     return batches, loss_fn
 
 
-def _snapshot(model) -> dict[str, tuple[str | None, dict[str, tuple]]]:
-    """{module name: (repr if a leaf, {own param name: shape})}."""
-    return {n: (None if any(True for _ in m.children()) else repr(m),
-                {p: tuple(t.shape) for p, t in m.named_parameters(recurse=False)})
-            for n, m in model.named_modules()}
-
-
-def _changed_layers(before: dict, model) -> list[dict[str, str]]:
-    """Every leaf whose repr changed, and every module whose own parameters changed shape although its repr
-    did not (LayerScale gamma, cls_token, ...)."""
-    after = _snapshot(model)
-    out = []
-    for name, (rep, shapes) in before.items():
-        if name not in after:
-            continue
-        rep2, shapes2 = after[name]
-        label = name or "<root>"
-        if rep is not None and rep != rep2:
-            out.append({"name": label, "before": rep, "after": rep2})
-        elif shapes != shapes2:
-            diff = [p for p in shapes if shapes2.get(p) != shapes[p]]
-            out.append({"name": label, "before": ", ".join(f"{p}: {list(shapes[p])}" for p in diff),
-                        "after": ", ".join(f"{p}: {list(shapes2.get(p, ()))}" for p in diff)})
-    return out
-
-
-def _widths(model) -> dict[str, int]:
-    out = {}
-    for n, m in model.named_modules():
-        w = getattr(m, "out_channels", None) or getattr(m, "out_features", None)
-        if isinstance(w, int) and hasattr(m, "weight"):
-            out[n] = w
-    return out
-
-
 def _output_shapes(model, x) -> list[list[int]]:
     import torch
 
@@ -434,7 +353,6 @@ def cmd_prune(args, parser, argv) -> int:
             raise CLIError(str(e), FAILURE) from e
     kept_units = pruner.summary(plan)
     n_units = sum(len(u) for u in plan.values())
-    pruned_groups = [graph.group(gid) for gid in plan]
     with steps("prune", f"removing {n_units} units from {len(plan)} groups (verified by prunekit.prune)"):
         pk.prune(model, graph, plan)
     with steps("verify", "checking the pruned model and counting"):
@@ -447,32 +365,11 @@ def cmd_prune(args, parser, argv) -> int:
         with steps("latency_after", "measuring latency (after)"):
             lat_after = pk.latency(model, x)
 
-    changed = _changed_layers(snap, model)
-    pinned = _pinned(graph)
-    exact = sum(1 for g in pruned_groups if g.exact)
-    before = {"macs": stats_before.macs, "flops": stats_before.flops, "params": stats_before.params}
-    after = {"macs": stats_after.macs, "flops": stats_after.flops, "params": stats_after.params}
-    if lat_before is not None:
-        before["latency_ms"], after["latency_ms"] = lat_before.median_ms, lat_after.median_ms
-    options = {"ratio": args.ratio, "flops_target": args.flops_target, "params_target": args.params_target,
-               "uniform": args.uniform, "global": args.global_pruning,
-               "round_to": args.round_to, "max_ratio": args.max_ratio, "ignore": list(args.ignore),
-               "criterion": crit.name, "input_shape": list(shape) if shape else None, "seed": args.seed,
-               "latency": args.latency, "data_batches": args.data_batches if crit.needs_data else None}
-    report: dict[str, Any] = {
-        **_versions(), "command": "prune", "model": args.model, "model_class": type(model).__name__,
-        "input": lm.input_desc, "target": repr(target), "options": options, "config_file": args.config,
-        "options_from_config": sorted(sources.values()),
-        "before": before, "after": after,
-        "kept": {k: (after[k] / before[k] if before[k] else None) for k in before},
-        "prunable_proportion": proportion,
-        "groups": {"total": len(graph.groups), "prunable": len(graph.prunable_groups), "pruned": len(plan),
-                   "pinned": len(graph.groups) - len(graph.prunable_groups)},
-        "units_removed": n_units, "changed_layers": changed, "pinned_groups": pinned,
-        "verification": {"passed": True, "output_shapes": shapes_after, "exact_groups": exact,
-                         "shape_checked_groups": len(pruned_groups) - exact},
-        "timings_s": steps.times, "saved": None, "plots": [], "kept_units": kept_units,
-    }
+    report = prune_report(args, lm, target=target, criterion=crit, shape=shape, sources=sources, graph=graph,
+                          plan=plan, stats_before=stats_before, stats_after=stats_after, proportion=proportion,
+                          changed=_changed_layers(snap, model), output_shapes=shapes_after,
+                          timings=steps.times, latency_before=lat_before, latency_after=lat_after,
+                          kept_units=kept_units)
     if hf_model:
         report["hf"] = _hf_report(model, args.save_pretrained)
     if args.plot:
@@ -515,53 +412,6 @@ def _hf_report(model, save_dir: str | None) -> dict[str, Any]:
     return {"config": sync.values, "changed": {k: list(v) for k, v in pk.hf.changes(model).items()},
             "per_layer": sync.per_layer, "saved_pretrained": save_dir,
             "plain_from_pretrained": None if not save_dir else not (Path(save_dir) / "prunekit.json").exists()}
-
-
-def _prune_text(args, lm: LoadedModel, r: dict, target) -> list[str]:
-    o = r["options"]
-    mode = "global" if o["global"] else "local"
-    text = [f"Pruning {args.model} ({r['model_class']}), input {lm.input_desc}: {target}, {mode}, "
-            f"criterion {o['criterion']}, round_to {o['round_to']}, max_ratio {o['max_ratio']}"
-            + (f", ignore {' '.join(o['ignore'])}" if o["ignore"] else ""), ""]
-    text += [f"{c['name']}: {c['before']} => {c['after']}" for c in r["changed_layers"]]
-    text += [f"({len(r['changed_layers'])} layers changed)", ""]
-    b, a = r["before"], r["after"]
-    text += [before_after("MACs", b["macs"], a["macs"]), before_after("FLOPs", b["flops"], a["flops"]),
-             before_after("Params", b["params"], a["params"])]
-    if "latency_ms" in b:
-        text.append(before_after("Latency", b["latency_ms"], a["latency_ms"], fmt=lambda v: f"{v:.2f} ms"))
-    g = r["groups"]
-    text += ["", f"Groups: {g['total']} total, {g['prunable']} prunable, {g['pruned']} pruned "
-                 f"({r['units_removed']} units removed); prunable proportion {r['prunable_proportion']:.1%} of FLOPs"]
-    text += _pinned_text(r["pinned_groups"])
-    v = r["verification"]
-    text.append(f"Verification: passed (output shapes unchanged {v['output_shapes']}; {v['exact_groups']} pruned "
-                f"groups equal the masked original, {v['shape_checked_groups']} under channel-mixing ops "
-                "shape-checked)")
-    k = r["kept_units"]
-    text.append("Kept: " + ", ".join(f"{u} {v:.1%}" for u, v in (("heads", k["heads"]), ("channels", k["channels"]))
-                                     if v is not None) + " of the prunable units")
-    if "hf" in r:
-        h = r["hf"]
-        text.append("Config: " + ", ".join(f"{c} {v}" + (f" (was {h['changed'][c][0]})" if c in h["changed"] else "")
-                                           for c, v in h["config"].items()))
-        if h["per_layer"]:
-            text.append("Per-layer widths (no single config value): "
-                        + ", ".join(f"{c} {v}" for c, v in h["per_layer"].items()))
-        if h["saved_pretrained"]:
-            how = ("transformers.AutoModelForCausalLM.from_pretrained" if h["plain_from_pretrained"]
-                   else "prunekit.hf.from_pretrained (widths differ per layer or the config rejects them)")
-            text.append(f"Saved pretrained: {h['saved_pretrained']} (load with {how})")
-    if r["saved"]:
-        text.append(f"Saved: {r['saved']} and {Path(args.save) / 'report.json'} (rebuild with prunekit.load(path, "
-                    "build_original_model))")
-    if args.report:
-        text.append(f"Report: {args.report}")
-    if r["plots"]:
-        text.append(f"Plots: {', '.join(r['plots'])}")
-    t = r["timings_s"]
-    text.append("Time: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items()))
-    return text
 
 
 if __name__ == "__main__":
