@@ -11,7 +11,7 @@ For every decoder-only / encoder model type transformers can build a causal-LM o
   belong to prunable groups: params with every prunable group at one unit vs all), unit kinds prunable
   (``head``, ``channel`` ...), and whether analysing with and without ``attention_mask`` gives the same
   prunable groups;
-* ``prune``: ``pk.Pruner(criterion="l2", target=pk.ParamsTarget(0.7), uniform=True).prune()`` (verified);
+* ``prune``: ``pk.Pruner(criterion="l2", target=pk.ParamsTarget(0.7), uniform=True, round_to=8).prune()`` (verified);
 * ``reload``: ``pk.hf.save_pretrained`` -> plain ``AutoModelFor*.from_pretrained`` (``plain``), else
   ``pk.hf.from_pretrained`` (``prunekit``); logits compared with the pruned model's (max abs difference);
 * with ``--torch-pruning``: Torch-Pruning's LLM recipe (settings of its ``examples/LLMs/prune_llm.py``: group L2
@@ -51,6 +51,7 @@ from _bench_common import git_state as _git_state  # noqa: E402
 RESULTS = HERE / "results"
 KEEP = 0.7        # ParamsTarget ratio (30% of the parameters removed)
 TP_RATIO = 0.3    # Torch-Pruning's pruning_ratio (the same 30% of every width)
+ROUND_TO = 8      # kept widths multiples of 8 (what GPU kernels and transformers configs want)
 
 
 def _short(e: BaseException, limit: int = 400) -> str:
@@ -118,7 +119,7 @@ def run_one(model_type: str, seed: int, do_tp: bool) -> dict:
 
         stage = "prune"
         t0 = time.perf_counter()
-        pruner = pk.Pruner(model, x, criterion="l2", target=pk.ParamsTarget(KEEP), uniform=True)
+        pruner = pk.Pruner(model, x, criterion="l2", target=pk.ParamsTarget(KEEP), uniform=True, round_to=ROUND_TO)
         pruner.prune()
         res["prune_s"] = round(time.perf_counter() - t0, 3)
         res["params_kept"] = round(_nparams(model) / (res["params_k"] * 1e3), 4)

@@ -4,7 +4,8 @@ Forms (also listed by ``prunekit list-models``):
 
 * ``timm:NAME``                 ``timm.create_model(NAME, pretrained=False)``
 * ``torchvision:NAME``          ``torchvision.models.get_model(NAME, weights=None)``
-* ``hf:DIR`` / ``hf:FILE.json``  a local transformers config; ``AutoModel.from_config`` (random weights)
+* ``hf:DIR`` / ``hf:FILE.json``  a local transformers config: the class it names, else the type's causal-LM
+  (or masked-LM, else base) class, random weights (a directory with weights loads them)
 * ``hf:TYPE[,key=value...]``    ``AutoConfig.for_model(TYPE)`` shrunk to a tiny preset (2 layers, hidden
                                 size 128, 4 heads, vocab 1000), then the ``key=value`` overrides
 * ``path/to/file.py:fn``        ``fn()`` returns a model, or ``(model, example_inputs)``
@@ -172,17 +173,25 @@ def _hf(rest: str, shape):
 
 def _hf_model(config, directory: Path | None):
     """The class the config names (``architectures``: e.g. LlamaForCausalLM, so --save-pretrained writes a model
-    ``from_pretrained`` loads as it was), else ``AutoModel``; a directory with weights loads them."""
+    ``from_pretrained`` loads as it was), else the type's causal-LM class (LLMs), else its masked-LM class
+    (encoders), else ``AutoModel``; a directory with weights loads them."""
     import transformers
+    from transformers.models.auto import modeling_auto as ma
+    mtype = getattr(config, "model_type", None)
+    default = (transformers.AutoModelForCausalLM if mtype in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and
+               mtype not in ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES else
+               transformers.AutoModelForMaskedLM if mtype in ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES else
+               transformers.AutoModel)
     cls = next((getattr(transformers, a) for a in (getattr(config, "architectures", None) or [])
-                if hasattr(transformers, a)), transformers.AutoModel)
+                if hasattr(transformers, a)), default)
     if directory is not None and any((directory / f).is_file() for f in
                                      ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")):
         if (directory / "prunekit.json").is_file():
             import prunekit as pk
             return pk.hf.from_pretrained(directory)
         return cls.from_pretrained(str(directory), local_files_only=True)
-    return cls.from_config(config) if cls is transformers.AutoModel else cls._from_config(config)
+    return cls.from_config(config) if cls in (transformers.AutoModel, transformers.AutoModelForCausalLM,
+                                              transformers.AutoModelForMaskedLM) else cls._from_config(config)
 
 
 def _from_file(path: Path, fn: str, shape):

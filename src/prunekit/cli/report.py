@@ -182,7 +182,7 @@ def prune_text(args, lm, r: dict, target) -> list[str]:
             text.append("Per-layer widths (no single config value): "
                         + ", ".join(f"{c} {v}" for c, v in h["per_layer"].items()))
         if h["saved_pretrained"]:
-            how = ("transformers.AutoModelForCausalLM.from_pretrained" if h["plain_from_pretrained"]
+            how = (f"transformers.{r['model_class']}.from_pretrained" if h["plain_from_pretrained"]
                    else "prunekit.hf.from_pretrained (widths differ per layer or the config rejects them)")
             text.append(f"Saved pretrained: {h['saved_pretrained']} (load with {how})")
     if r["saved"]:
