@@ -285,7 +285,8 @@ def write_outputs(results: list[dict], meta: dict, do_tp: bool, stem: Path) -> d
         "# prunekit coverage on Hugging Face transformers text models", "",
         f"Generated {meta['date']} on {meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}, "
         f"prunekit git {meta['git']}" + (f", torch-pruning {meta.get('torch_pruning')}" if do_tp else "")
-        + f". Command: `{meta['command']}`. Total {meta.get('total_s', '?')} s.", "",
+        + f". Command: `{meta['command']}`. Total {meta.get('total_s', '?')} s."
+        + (f" **Partial run: {meta['partial']}.**" if meta.get("partial") else ""), "",
         f"**Summary:** {summ['types']} model types, {summ['built']} built from a tiny config "
         f"({summ['build_failed']} did not survive shrinking: counted apart); of the built ones "
         f"{summ['reload_exact']} ({summ['percent_reload_exact']}%) pruned to {KEEP:.0%} of the params (uniform), "
@@ -327,6 +328,12 @@ def main(argv=None) -> int:
     import _hf_models as hm
     types = args.type or hm.text_model_types()
     t0 = time.perf_counter()
+
+    def meta(t0: float) -> dict:
+        return {"date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, "
+                f"{os.cpu_count()} CPUs", "torch": torch.__version__, "transformers": transformers.__version__,
+                "git": _git_state(), "command": "python benchmarks/hf_coverage.py " + " ".join(argv or sys.argv[1:]),
+                "total_s": round(time.perf_counter() - t0, 1)}
     results: list[dict] = []
     with cf.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as ex:
         futs = {ex.submit(_child, t, args.seed, args.torch_pruning, args.timeout): t for t in types}
@@ -334,11 +341,11 @@ def main(argv=None) -> int:
             r = f.result()
             results.append(r)
             print(f"[{i}/{len(types)}] {r['type']}: {r['status'][:150]}", flush=True)
+            if i % 10 == 0 and i < len(types):  # partial results survive an interrupted sweep
+                write_outputs(sorted(results, key=lambda r: r["type"]),
+                              {**meta(t0), "partial": f"{i} of {len(types)} types"}, args.torch_pruning, Path(args.out))
     results.sort(key=lambda r: r["type"])
-    meta = {"date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, "
-            f"{os.cpu_count()} CPUs", "torch": torch.__version__, "transformers": transformers.__version__,
-            "git": _git_state(), "command": "python benchmarks/hf_coverage.py " + " ".join(argv or sys.argv[1:]),
-            "total_s": round(time.perf_counter() - t0, 1)}
+    meta = meta(t0)
     if args.torch_pruning:
         try:
             import torch_pruning
