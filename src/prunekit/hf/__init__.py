@@ -11,7 +11,8 @@ experts are prunable units.
 """
 from . import moe  # noqa: F401
 from .config import ConfigSync, after_prune, changes, derive, sync_config
+from .evaluate import perplexity
 from .io import HFSaveError, config_gaps, from_pretrained, save_pretrained
 
 __all__ = ["ConfigSync", "HFSaveError", "after_prune", "changes", "config_gaps", "derive", "from_pretrained",
-           "save_pretrained", "sync_config"]
+           "perplexity", "save_pretrained", "sync_config"]
