@@ -297,32 +297,28 @@ class DepthPruner:
         order = sorted(self.candidates, key=lambda k: (scores[self.name(*k)], k))
         per_container = {c: len(self.model.get_submodule(c) if c else self.model) for c, _ in self.candidates}
         chosen: list[tuple[str, int]] = []
+
+        def room(k: tuple[str, int]) -> bool:  # every container keeps at least one block
+            return per_container[k[0]] - sum(1 for c, _ in chosen if c == k[0]) > 1
+
         if self.n_blocks is not None:
             for k in order:
                 if len(chosen) == self.n_blocks:
                     break
-                if per_container[k[0]] - sum(1 for c, _ in chosen if c == k[0]) > 1:
+                if room(k):
                     chosen.append(k)
             return chosen
         total = self._measure()
         budget = self.target.ratio * total
-        if self.target.kind == "params":
-            now = total
-            for k in order:
-                if now <= budget:
-                    break
-                if per_container[k[0]] - sum(1 for c, _ in chosen if c == k[0]) > 1:
-                    chosen.append(k)
-                    now -= _nparams(self._module(*k))
-            return chosen
-        per_block = self._block_macs()
+        cost = ({k: _nparams(self._module(*k)) for k in self.candidates} if self.target.kind == "params"
+                else self._block_macs())
         now = total
         for k in order:
             if now <= budget:
                 break
-            if per_container[k[0]] - sum(1 for c, _ in chosen if c == k[0]) > 1:
+            if room(k):
                 chosen.append(k)
-                now -= per_block.get(k, 0)
+                now -= cost.get(k, 0)
         return chosen
 
     def _measure(self) -> float:

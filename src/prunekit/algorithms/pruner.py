@@ -73,6 +73,20 @@ def unit_step(g: Group, round_to: int) -> int:
     return step
 
 
+def _take_weakest(owner: list[int], cap: list[int], n: int) -> list[int]:
+    """Units removed per owner when the ``n`` weakest units go (``owner``: each unit's owner, weakest first),
+    never more than ``cap[k]`` from owner ``k``."""
+    removed = [0] * len(cap)
+    left = int(n)
+    for k in owner:
+        if left <= 0:
+            break
+        if removed[k] < cap[k]:
+            removed[k] += 1
+            left -= 1
+    return removed
+
+
 class Pruner:
     """Structured pruning towards a target, one shot or step by step.
 
@@ -344,16 +358,10 @@ class Pruner:
         order = torch.argsort(torch.cat(vals), stable=True)
         owner = torch.cat(owners)[order].tolist()
 
+        cap = [sl.cur - sl.min_keep for sl in slots]
+
         def knob(n: int) -> dict[int, int]:
-            removed = [0] * len(slots)
-            cap = [sl.cur - sl.min_keep for sl in slots]
-            left = int(n)
-            for k in owner:
-                if left <= 0:
-                    break
-                if removed[k] < cap[k]:
-                    removed[k] += 1
-                    left -= 1
+            removed = _take_weakest(owner, cap, n)
             return {sl.group.id: sl.round_keep(sl.cur - removed[k]) for k, sl in enumerate(slots)}
         knob.hi, knob.continuous = len(owner), False
         return knob
@@ -390,16 +398,10 @@ class Pruner:
         order = torch.argsort(torch.cat(vals), stable=True)
         owner = torch.cat(owners)[order].tolist()
 
+        cap = [max(sl.cur - sl.min_keep for sl in c) for c in classes]
+
         def knob(n: int) -> dict[int, int]:
-            removed = [0] * len(classes)
-            cap = [max(sl.cur - sl.min_keep for sl in c) for c in classes]
-            left = int(n)
-            for k in owner:
-                if left <= 0:
-                    break
-                if removed[k] < cap[k]:
-                    removed[k] += 1
-                    left -= 1
+            removed = _take_weakest(owner, cap, n)
             return {sl.group.id: sl.round_keep(sl.cur - removed[k]) for k, c in enumerate(classes) for sl in c}
         knob.hi, knob.continuous = len(owner), False
         return knob
