@@ -25,6 +25,7 @@ SKIP_KEYS = {"partial_rotary_factor"}
 
 
 def shrink(cfg):
+    n0 = getattr(cfg, "num_hidden_layers", None)  # per-layer lists of this length are trimmed too
     d = {}
     for k, v in TINY.items():
         if k in SKIP_KEYS or not hasattr(cfg, k):
@@ -53,7 +54,9 @@ def shrink(cfg):
             elif isinstance(v, list):
                 setattr(cfg, key, [min(i, vocab - 1) for i in v])
     n = getattr(cfg, "num_hidden_layers", None)
-    for key in ("layer_types", "block_types", "layers_block_type", "hybrid_override_pattern"):
+    per_layer = [k for k, v in vars(cfg).items() if isinstance(v, (list, tuple)) and n0 and len(v) == n0 and n0 != n]
+    for key in dict.fromkeys(("layer_types", "block_types", "layers_block_type", "hybrid_override_pattern",
+                              *per_layer)):
         lt = getattr(cfg, key, None)
         if isinstance(lt, (list, tuple)) and n and len(lt) != n:
             try:

@@ -15,6 +15,7 @@ directory with a size-mismatch error instead of loading a broken model.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import os
@@ -192,9 +193,14 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any
         pruned_cfg = model.config
         base_cfg = type(pruned_cfg).from_dict(copy.deepcopy(base))
         base_cfg.architectures = [type(model).__name__]
+        rec_kwargs = dict(kwargs)
+        if "save_original_format" in inspect.signature(model.save_pretrained).parameters:
+            # the weights under the model's own state-dict names (transformers >= 5 otherwise converts some,
+            # e.g. stacked MoE experts, back to a checkpoint layout): from_pretrained loads them as they are
+            rec_kwargs.setdefault("save_original_format", False)
         try:
             model.config = base_cfg
-            model.save_pretrained(out, **kwargs)
+            model.save_pretrained(out, **rec_kwargs)
         finally:
             model.config = pruned_cfg
         info = {"format": FORMAT, "architecture": type(model).__name__, "config": sync.values,
