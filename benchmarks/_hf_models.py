@@ -10,7 +10,7 @@ from __future__ import annotations
 TINY = {  # key: value, applied where the config has the key
     "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
     "num_key_value_heads": 2, "vocab_size": 128, "n_layer": 2, "n_embd": 64, "n_head": 4, "n_inner": 128,
-    "d_model": 64, "num_layers": 2, "d_ff": 128, "num_heads": 4, "d_kv": 16, "head_dim": 16,
+    "d_model": 64, "num_layers": 2, "d_ff": 128, "num_heads": 4, "d_kv": 16, "head_dim": 16, "d_head": 16,
     "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4, "decoder_attention_heads": 4,
     "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "num_decoder_layers": 2, "ffn_dim": 128,
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64, "num_experts": 4, "num_local_experts": 4,
@@ -35,6 +35,8 @@ def shrink(cfg):
             continue
         if cur is None and k not in ("head_dim", "num_key_value_heads"):
             continue
+        if k in ("num_experts_per_tok", "num_experts_per_token", "moe_k") and isinstance(cur, int) and cur < v:
+            continue  # a router with top-1 stays top-1 (some configs only support that)
         d[k] = v
     if hasattr(cfg, "qk_rope_head_dim"):
         d.pop("head_dim", None)  # MLA (DeepSeek-style): head_dim is the rope part

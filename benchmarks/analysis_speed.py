@@ -329,7 +329,7 @@ def write_outputs(results: list[dict], meta: dict, out_json: Path, out_md: Path)
                       f"{ok} the < 30 s target.**"]
     sp = [r["speedup_tp_over_pk"] for r in results if r.get("speedup_tp_over_pk")]
     if sp:
-        lines += ["", f"Speed-up over Torch-Pruning (TP time / prunekit time; < 1 means Torch-Pruning is faster): "
+        lines += ["", "Speed-up over Torch-Pruning (TP time / prunekit time; < 1 means Torch-Pruning is faster): "
                       + ", ".join(f"{r['case']} ({r['device']}) {r['speedup_tp_over_pk']}x" for r in results
                                   if r.get("speedup_tp_over_pk"))
                       + f"; median {statistics.median(sp)}x."]

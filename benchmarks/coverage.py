@@ -44,7 +44,6 @@ import queue
 import random
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time

@@ -11,7 +11,9 @@ For every decoder-only / encoder model type transformers can build a causal-LM o
   belong to prunable groups: params with every prunable group at one unit vs all), unit kinds prunable
   (``head``, ``channel`` ...), and whether analysing with and without ``attention_mask`` gives the same
   prunable groups;
-* ``prune``: ``pk.Pruner(criterion="l2", target=pk.ParamsTarget(0.7), uniform=True, round_to=8).prune()`` (verified);
+* ``prune``: ``pk.Pruner(criterion="l2", target=pk.ParamsTarget(0.7), uniform=True, round_to=8).prune()`` (verified;
+  where pinned groups hold more than 30% of the parameters -- a vision tower, say -- ``pk.ChannelRatio(0.3)``
+  instead, recorded in ``target``);
 * ``reload``: ``pk.hf.save_pretrained`` -> plain ``AutoModelFor*.from_pretrained`` (``plain``), else
   ``pk.hf.from_pretrained`` (``prunekit``); logits compared with the pruned model's (max abs difference);
 * with ``--torch-pruning``: Torch-Pruning's LLM recipe (settings of its ``examples/LLMs/prune_llm.py``: group L2
@@ -119,8 +121,15 @@ def run_one(model_type: str, seed: int, do_tp: bool) -> dict:
 
         stage = "prune"
         t0 = time.perf_counter()
-        pruner = pk.Pruner(model, x, criterion="l2", target=pk.ParamsTarget(KEEP), uniform=True, round_to=ROUND_TO)
-        pruner.prune()
+        try:
+            pk.Pruner(model, x, criterion="l2", target=pk.ParamsTarget(KEEP), uniform=True, round_to=ROUND_TO).prune()
+            res["target"] = f"params {KEEP}"
+        except ValueError as e:  # most of the parameters are pinned (e.g. a vision tower): prune what can go
+            if "not reachable" not in str(e):
+                raise
+            pk.Pruner(model, x, criterion="l2", target=pk.ChannelRatio(1 - KEEP), uniform=True,
+                      round_to=ROUND_TO).prune()
+            res["target"] = f"channels {1 - KEEP:.1f} (params {KEEP} not reachable)"
         res["prune_s"] = round(time.perf_counter() - t0, 3)
         res["params_kept"] = round(_nparams(model) / (res["params_k"] * 1e3), 4)
         with torch.no_grad():
