@@ -16,8 +16,9 @@ Criteria:
   or spatial positions of a CNN, channel vectors compared); a block that barely changes its input matters least.
   Running sums only: memory does not grow with the data.
 * ``"perplexity"``: the increase of the loss when the block alone is skipped (its output replaced by its
-  input), over the data; ``loss_fn(model, batch)`` (default for transformers causal LMs: ``out.loss`` with
-  ``labels=input_ids``).
+  input), over the data; ``loss_fn(model, batch)`` (default: the criteria's, :func:`prunekit.plan.importance.base.
+  default_loss` -- token batches get the causal-LM ``out.loss`` with ``labels=input_ids``, padding left out;
+  ``(x, y)`` batches cross-entropy).
 
 Blocks with the lowest scores are removed: ``n_blocks`` of them, or as many as ``target`` (``ParamsTarget`` /
 ``FlopsTarget``) needs.  After the removal the model runs the example input again (output shapes
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture.tape import call_model, eval_mode, flatten_outputs
+from ..plan.importance.base import default_loss
 from ..plan.targets import FlopsTarget, ParamsTarget, Target
 from ..runs.progress import progress_bar
 from ..surgery.apply import RECORD_ATTR, PruningError, _Undo
@@ -138,20 +140,6 @@ def find_blocks(model: nn.Module, example_inputs: Any, forward_fn: Callable | No
     return [k for k, ok in shapes.items() if ok]
 
 
-def _default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    if isinstance(batch, Mapping) and "input_ids" in batch:
-        kw = dict(batch)
-        labels = kw["input_ids"].clone()
-        if "attention_mask" in kw:
-            labels = labels.masked_fill(kw["attention_mask"] == 0, -100)
-        out = model(**kw, labels=labels)
-        loss = getattr(out, "loss", None)
-        if isinstance(loss, torch.Tensor):
-            return loss
-    raise ValueError("DepthPruner(criterion='perplexity') needs loss_fn(model, batch) -> loss (the default works for "
-                     "transformers causal LMs given dict batches with input_ids)")
-
-
 class DepthPruner:
     """Remove the least important blocks of ``model`` (see the module docstring).
 
@@ -190,7 +178,7 @@ class DepthPruner:
         self.model, self.example_inputs, self.forward_fn = model, example_inputs, forward_fn
         self.data = data
         self.n_blocks, self.target, self.criterion = n_blocks, target, criterion
-        self.loss_fn = loss_fn or _default_loss
+        self.loss_fn = loss_fn or default_loss(forward_fn)  # token batches: causal-LM loss, padding left out
         self.max_batches, self.progress = max_batches, progress
         self.candidates = find_blocks(model, example_inputs, forward_fn, blocks)
         if not self.candidates:
