@@ -15,7 +15,7 @@ import prunekit
 
 ROOT = Path(prunekit.__file__).parent
 ORDER = ["_base", "capture", "analysis", "cost", "verify", "surgery", "graph", "io", "runs", "plan", "algorithms",
-         "hf", "", "cli"]  # "": the package root (``import prunekit as pk``, the public API), which only the CLI uses
+         "hf", "detection", "", "cli"]  # "": the package root (``import prunekit as pk``, the public API), which only the CLI uses
 BASE = {"_callbacks", "_version"}  # dependency-free helpers any layer may use
 EXEMPT = {"__init__", "__main__"}  # the package's public surface imports everything
 

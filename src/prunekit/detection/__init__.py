@@ -1,0 +1,5 @@
+"""prunekit for detection and segmentation models: ultralytics YOLO and torchvision detectors, pruned as they are.
+
+Nothing here imports ultralytics or torchvision at import time; both are optional (ultralytics is AGPL and only
+ever a test/extra dependency).
+"""
