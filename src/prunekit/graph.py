@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from torch import nn
 
-from .capture.tape import Tape, capture
+from .capture import Tape, capture
 from .cost.flops import op_macs
 from .analysis import spaces as C
 from .analysis.analyzer import Analyzer, Binding, Group, Member, pin_reason

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..capture.tape import call_model, eval_mode, flatten_outputs
+from ..capture import call_model, eval_mode, flatten_outputs
 from ..plan.importance.base import default_loss
 from ..plan.targets import FlopsTarget, ParamsTarget, Target
 from ..runs.progress import progress_bar

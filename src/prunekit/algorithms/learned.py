@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._callbacks import callback
-from ..capture.tape import flatten_outputs
+from ..capture import flatten_outputs
 from ..analysis.modules import is_norm, source_dim, spec_of
 from ..graph import PruneGraph, analyze
 from ..plan.importance.base import module_and_attr, unit_view

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..capture.tape import OpRecord, Tape, TRef
+from ..capture import OpRecord, Tape, TRef
 from . import experts as E
 from . import modules as M
 from . import spaces as C
@@ -157,7 +157,7 @@ class Analyzer:
     """State of one analysis: layouts and zero flags per tape node, bindings.
 
     An op rule (see :func:`prunekit.register_op`) receives the analyzer and one
-    :class:`~prunekit.capture.tape.OpRecord` and describes the op through these methods: :meth:`shape`,
+    :class:`~prunekit.capture.OpRecord` and describes the op through these methods: :meth:`shape`,
     :meth:`lay` and :meth:`zero` read an input dim's size, channel layout and zero flag; :meth:`set`,
     :meth:`set_zero` and :meth:`copy_dim` state an output dim's; :meth:`tie` says dims are the same channels;
     :meth:`pin_node` / :meth:`pin_op` keep dims at their size (with a reason); :meth:`where` names the call

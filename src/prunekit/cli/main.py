@@ -262,7 +262,7 @@ def _random_data(model, x, n: int):
     import torch.nn.functional as F
     from torch.utils._pytree import tree_map
 
-    from ..capture.tape import call_model, flatten_outputs
+    from ..capture import call_model, flatten_outputs
 
     def first_float(out):
         ts = [t for t in flatten_outputs(out)[0] if t.is_floating_point()]
@@ -295,7 +295,7 @@ def _random_data(model, x, n: int):
 def _output_shapes(model, x) -> list[list[int]]:
     import torch
 
-    from ..capture.tape import call_model, flatten_outputs
+    from ..capture import call_model, flatten_outputs
     with torch.no_grad():
         return [list(t.shape) for t in flatten_outputs(call_model(model, x))[0]]
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
-from ..capture.tape import Tape, TRef, capture
+from ..capture import Tape, TRef, capture
 from .flops import op_macs
 
 log = logging.getLogger("prunekit.metrics")

@@ -33,7 +33,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..analysis.ops.registry import _SPECS, FieldView, lookup
-from ..capture.tape import OpRecord, TRef
+from ..capture import OpRecord, TRef
 
 SizeFn = Callable[[TRef, int], int]
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..capture.tape import call_model, eval_mode
+from ..capture import call_model, eval_mode
 
 log = logging.getLogger("prunekit.metrics")
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-from ..capture.tape import call_model, eval_mode, flatten_outputs
+from ..capture import call_model, eval_mode, flatten_outputs
 
 
 class PruningError(RuntimeError):

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..analysis import spaces as C
 from ..analysis.analyzer import Group
-from ..capture.tape import meta_view, tensor_view, trace_scalars, trace_shapes
+from ..capture import meta_view, tensor_view, trace_scalars, trace_shapes
 
 log = logging.getLogger("prunekit")
 

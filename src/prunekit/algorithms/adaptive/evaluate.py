@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ...capture.tape import call_model, eval_mode, flatten_outputs
+from ...capture import call_model, eval_mode, flatten_outputs
 
 log = logging.getLogger("prunekit.adaptive")
 

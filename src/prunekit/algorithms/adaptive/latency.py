@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from ...capture.tape import call_model, eval_mode
+from ...capture import call_model, eval_mode
 from ...io.checkpoint import model_fingerprint
 from ...io.checkpoint import canonical_json as _canon, write_json as _write_json
 from .candidates import _gkey, _group_name

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..._callbacks import callback
-from ...capture.tape import call_model, eval_mode, flatten_outputs
+from ...capture import call_model, eval_mode, flatten_outputs
 from ...runs.workdir import Workdir, model_info
 from ...surgery import RECORD_ATTR, prune as _prune, replay_record
 from ..pruner import Pruner

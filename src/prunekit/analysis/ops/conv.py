@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from ...capture.tape import TRef
+from ...capture import TRef
 from .. import spaces as C
 from ._common import rule
 

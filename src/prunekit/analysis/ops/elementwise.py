@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from numbers import Number
 
-from ...capture.tape import TRef
+from ...capture import TRef
 from .. import spaces as C
 from ._common import norm_dim, rule
 from .registry import Zero, register_many

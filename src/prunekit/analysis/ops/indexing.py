@@ -2,7 +2,7 @@
 rearrange values in ways channels cannot follow pin everything they touch."""
 from __future__ import annotations
 
-from ...capture.tape import TRef
+from ...capture import TRef
 from .. import spaces as C
 from ._common import norm_dim, rule
 

@@ -2,7 +2,7 @@
 channels mix them.  No MACs by convention."""
 from __future__ import annotations
 
-from ...capture.tape import TRef
+from ...capture import TRef
 from .. import spaces as C
 from ._common import rule
 

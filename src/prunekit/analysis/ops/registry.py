@@ -8,7 +8,7 @@ identity: ``quantized::conv2d`` is a different op from ``aten::conv2d`` and does
 capture's own markers live in the ``prunekit`` namespace (``"prunekit::sdpa_scale"``).
 
 A **rule** is ``rule(analyzer, op)``: it receives the :class:`~prunekit.analysis.analyzer.Analyzer` and the
-:class:`~prunekit.capture.tape.OpRecord` of one call and states, through the analyzer, how the channels of
+:class:`~prunekit.capture.OpRecord` of one call and states, through the analyzer, how the channels of
 the op's outputs relate to those of its inputs (see :func:`prunekit.register_op` for the methods a rule
 calls).  A **MACs formula** is ``macs(op, size, shape)``: ``size(ref, dim)`` is a dim's (kept) size --
 an int or a symbolic polynomial, so the formula may only add and multiply sizes -- and ``shape(ref)`` the
@@ -266,7 +266,7 @@ def register_op(op: Any, rule: Rule | None = None, macs: MacsFormula | None = No
     its inputs are zero (``Zero.PRESERVING`` for ``f(0) = 0``).
 
     ``rule(analyzer, op)`` for anything else.  ``op`` is the call's
-    :class:`~prunekit.capture.tape.OpRecord`: ``op.args`` / ``op.kwargs`` with tensors replaced by
+    :class:`~prunekit.capture.OpRecord`: ``op.args`` / ``op.kwargs`` with tensors replaced by
     ``TRef`` s, ``op.arg("name")`` reads an argument by its schema name, ``op.outs()`` lists the output
     tensors, ``op.module`` names the executing module.  The rule states, for every output dim, which
     channels it holds, through the :class:`~prunekit.analysis.analyzer.Analyzer`:

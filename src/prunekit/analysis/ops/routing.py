@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from ...capture.tape import TRef
+from ...capture import TRef
 from .. import spaces as C
 from ..experts import EXPERT_MIX, expert_layout, routed
 from ._common import norm_dim, rule

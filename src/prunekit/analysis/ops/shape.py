@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from ...capture.tape import TRef
+from ...capture import TRef
 from .. import spaces as C
 from ..experts import EXPERT_MIX, routed
 from ._common import norm_dim, norm_dims, rule
