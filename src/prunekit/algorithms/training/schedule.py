@@ -326,13 +326,21 @@ class TrainingPruner:
 
     def save_checkpoint(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None,
                         **extra: Any) -> None:
-        """Save model weights, pruner state and (optionally) optimizer state to ``path`` (atomically)."""
+        """Save model weights, pruner state and (optionally) optimizer state to ``path`` (atomically).
+
+        Under ``torch.distributed`` only rank 0 writes (every rank holds the same model, masks and schedule);
+        every rank must call it (the ranks wait for the file before going on)."""
+        from ...runs.distributed import barrier, is_main
+        if not is_main():
+            barrier()
+            return
         opt = optimizer or self.optimizer
         ck = {"model": self.module.state_dict(), "pruner": self.state_dict(),
               "optimizer": opt.state_dict() if opt is not None else None, "extra": extra,
               "resume": {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "model": self._start,
                          "config": self.resume_config()}}
         write_torch(path, ck)
+        barrier()
 
     def resume_config(self) -> dict[str, Any]:
         """The settings a resumed run must share with the saved one (the config as plain JSON values)."""
