@@ -102,5 +102,16 @@ def share(items: Sequence[Any], group: Any = None) -> list[Any]:
     return [x for i, x in enumerate(items) if i % w == r]
 
 
-__all__ = ["active", "all_gather_object", "all_gather_tensor", "all_reduce_sum", "barrier", "broadcast_object",
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with FSDP2-sharded entries (``DTensor``) gathered into full CPU tensors: what an
+    unsharded copy of the model loads before it is pruned (every rank must call it: gathering is collective)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if hasattr(v, "full_tensor"):
+            v = v.full_tensor()
+        out[k] = v.detach().cpu().clone()
+    return out
+
+
+__all__ = ["full_state_dict", "active", "all_gather_object", "all_gather_tensor", "all_reduce_sum", "barrier", "broadcast_object",
            "global_rank", "initialized", "is_main", "rank", "share", "world_size"]
