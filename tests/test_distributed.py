@@ -312,3 +312,48 @@ def test_learned_pruner_fsdp2_identical_plan_and_model(tmp_path):
     assert r0["plan"] == r1["plan"] and r0["plan"], r0["plan"]
     assert _same_params(r0["state"], r1["state"]) == []
     assert sum(v.numel() for v in r0["state"].values()) < sum(v.numel() for v in Net().state_dict().values())
+
+
+def _training_fsdp(rank, out_dir):
+    import prunekit as pk
+    from prunekit.algorithms.training import masked_units
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = Net()
+    x = torch.randn(2, 3, 8, 8)
+    data = _batches(3, seed=100 + rank)  # different data on every rank
+    cfg = {"start_epoch": 0, "end_epoch": 1, "target": 0.6, "criterion": "taylor", "global_pruning": True}
+    tp = pk.TrainingPruner(model, cfg, example_inputs=x, data=data)  # analysed before sharding
+    for m in (model.c1, model.c2, model.fc1):
+        fully_shard(m)
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    tp.attach_optimizer(opt)
+    masks = []
+    for epoch in range(2):
+        for xb, yb in data:
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+        tp.step(epoch)
+        masks.append({gid: m.tolist() for gid, m in masked_units(model, tp.graph).items()})
+    try:
+        tp.finalize()
+        refused = None
+    except ValueError as e:
+        refused = str(e)
+    small = tp.finalize(into=Net())
+    return {"sharded": type(model.c1.weight).__name__, "masks": masks, "refused": refused,
+            "state": small.state_dict(), "pruned": tp.pruned}
+
+
+def test_training_pruner_fsdp2_identical_masks_and_model(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp").fully_shard  # FSDP2
+    r0, r1 = run_ranks("_training_fsdp", tmp_path)
+    assert r0["sharded"] == "DTensor"
+    assert r0["masks"] == r1["masks"] and r0["masks"][-1], r0["masks"]
+    assert r0["refused"] and "into=" in r0["refused"]
+    assert r0["pruned"] and r1["pruned"]
+    assert _same_params(r0["state"], r1["state"]) == []
+    assert sum(v.numel() for v in r0["state"].values()) < sum(v.numel() for v in Net().state_dict().values())

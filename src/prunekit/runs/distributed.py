@@ -59,6 +59,8 @@ def _device(group: Any = None) -> torch.device:
 
 def all_gather_tensor(t: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
     """Every rank's ``t`` (same shape and dtype on every rank), in rank order, on the CPU."""
+    if hasattr(t, "full_tensor"):  # computed from FSDP2-sharded parameters: this rank's full value first
+        t = t.full_tensor()
     dev = _device(group)
     x = t.to(dev).contiguous()
     out = [torch.empty_like(x) for _ in range(world_size(group))]

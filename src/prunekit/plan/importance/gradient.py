@@ -12,6 +12,11 @@ from ...runs.distributed import all_reduce_sum
 from .base import DataCriterion, log, output_dim, reduce_members, unit_view
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (statistics of FSDP2-sharded parameters) as a plain tensor; other tensors unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 class _WeightGrad(DataCriterion):
     """Sums, over batches, a per-unit function of (weight, gradient) for every scorable member.
 
@@ -42,7 +47,7 @@ class _WeightGrad(DataCriterion):
         keys = [(gid, id(m)) for gid, elig in sorted(state["elig"].items()) for m, _p, _r in elig]
         sizes = {g.id: g.size for g in groups}
         vals = [state["acc"].get(k) for k in keys]
-        vals = [torch.zeros(sizes[k[0]]) if v is None else v.float().cpu() for k, v in zip(keys, vals)]
+        vals = [torch.zeros(sizes[k[0]]) if v is None else _full(v).float().cpu() for k, v in zip(keys, vals)]
         if not vals:
             return
         tot = all_reduce_sum(torch.cat(vals), group)
