@@ -121,6 +121,8 @@ def _calibration(rank, out_dir):
             "local": get_criterion(name, distributed=False).scores(model, g, data=mine),
             "all": get_criterion(name, distributed=False).scores(model, g, data=data),  # one process, all data
         }
+    pg = dist.new_group([0, 1])  # an explicit process group (here: both ranks) gives the same merge
+    res["group"] = get_criterion("flap", distributed=pg).scores(model, g, data=mine)
     p = pk.Pruner(model, x, "flap", pk.FlopsTarget(0.6), data=mine, global_pruning=True)
     p1 = pk.Pruner(model, x, get_criterion("flap", distributed=False), pk.FlopsTarget(0.6), data=data,
                    global_pruning=True)
@@ -137,6 +139,7 @@ def test_calibration_two_ranks_equal_one_process_over_all_data(tmp_path):
         assert _max_diff(d0, all0) < 1e-5 * scale, name
         assert _max_diff(loc0, all0) > 1e-2 * scale, name  # the halves differ: a rank alone would score otherwise
     assert r0["plan"] == r1["plan"] == r0["plan_all"]
+    assert all(torch.equal(r0["group"][k], r0["flap"]["dist"][k]) for k in r0["group"])
 
 
 # ---------------------------------------------------------------------------- 2. search spread over ranks
