@@ -85,6 +85,7 @@ from ..surgery import prune
 from ..plan.targets import Target, deprecated, keep_target
 from .pruner import _pattern, unit_step
 from ..analysis.analyzer import module_label
+from ..runs import distributed as D
 
 log = logging.getLogger("prunekit.learned")
 
@@ -218,7 +219,7 @@ class LearnedPruner:
                  entropy_weight: float = 1.0, flops_weight: float = 3.0, distill_weight: float = 0.0,
                  symmetric: float = 0.1, temperature_start: float = 1.0, temperature_end: float = 0.1,
                  init_logit: float = 3.0, seed: int = 0, prune_outputs: bool = False, verify: bool = True,
-                 gate_lr: float | None = 0.1, ramp: float = 0.5,
+                 gate_lr: float | None = 0.1, ramp: float = 0.5, distributed: Any = None,
                  target_flops_ratio: float | None = None, block_size: int | None = None):
         owner = type(self).__name__
         if target_flops_ratio is not None:
@@ -296,6 +297,9 @@ class LearnedPruner:
         self.temperature_start, self.temperature_end = float(temperature_start), float(temperature_end)
         self.init_logit = float(init_logit)
         self.seed = seed
+        # under DDP/FSDP the gate gradients are averaged over ranks before each gate update (the gates are the
+        # pruner's own tensors, which DDP does not synchronise), so gates and plans are identical on every rank
+        self._dist, self._group = D.active(distributed)
         self.verify = verify
         names = {id(m): n for n, m in model.named_modules()}
         self.ignore = [_pattern(p, names, "ignore") for p in (ignore or [])]
@@ -481,6 +485,8 @@ class LearnedPruner:
         if not self._pending:
             return False
         pending, self._pending = self._pending, {}
+        if self._dist:
+            pending = self._average_pending(pending)
         if not all(bool(torch.isfinite(g).all()) for g in pending.values()):
             return False
         b1, b2 = 0.9, 0.999
@@ -495,6 +501,26 @@ class LearnedPruner:
                 self._moments[gid] = m
                 self.gates[gid].logit.sub_(self.gate_lr * (m / (1 - b1 ** self._updates)) / denom)
         return True
+
+    def _average_pending(self, pending: dict) -> dict:
+        """The pending gate gradients averaged over the ranks (every gate in id order; a gate without a gradient
+        on a rank counts as zero there), identical on every rank."""
+        gids = sorted(self.gates)
+        parts = []
+        for gid in gids:
+            g = pending.get(gid)
+            n = self.gates[gid].logit.numel()
+            parts.append(torch.cat([torch.zeros(n) if g is None else g.detach().float().cpu().reshape(-1),
+                                    torch.tensor([float(g is not None)])]))
+        tot = D.all_reduce_sum(torch.cat(parts), self._group) / D.world_size(self._group)
+        out, pos = {}, 0
+        for gid in gids:
+            logit = self.gates[gid].logit
+            n = logit.numel()
+            if tot[pos + n] > 0:
+                out[gid] = tot[pos:pos + n].reshape(logit.shape).to(logit.device, logit.dtype)
+            pos += n + 1
+        return out
 
     # ------------------------------------------------------------------ gates
     def temperature(self, step: int | None = None) -> float:

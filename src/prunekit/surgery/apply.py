@@ -413,8 +413,20 @@ MASKS_ATTR = "_prunekit_masks"  # where pk.mask keeps its masks on the model (io
 _MASKS = MASKS_ATTR
 
 
+def _like(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The full (global-shape) mask ``m`` laid out like ``t``: sliced to ``t``'s placements when ``t`` is a DTensor
+    (FSDP2-sharded parameter; each rank slices its own part, no communication)."""
+    if hasattr(t, "device_mesh") and hasattr(t, "placements"):
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(m.to(t.to_local().device), t.device_mesh, t.placements, src_data_rank=None)
+    return m
+
+
 def mask(model: nn.Module, graph, plan: Plan) -> nn.Module:
-    """Soft pruning: zero the plan's units in place and remember them (see :func:`apply_masks`)."""
+    """Soft pruning: zero the plan's units in place and remember them (see :func:`apply_masks`).
+
+    Masks are kept as full tensors of the parameters' global shape; on FSDP2-sharded parameters (DTensors) each
+    rank applies its slice."""
     check_graph(model, graph)
     norm = normalize_plan(graph, plan)
     drops = param_drops(graph, norm)
@@ -426,16 +438,17 @@ def mask(model: nn.Module, graph, plan: Plan) -> nn.Module:
         for fqn, dims in drops.items():
             mod, attr = module_attr(model, fqn)
             t = getattr(mod, attr)
-            m = torch.ones_like(t, dtype=torch.bool)
+            dev = t.to_local().device if hasattr(t, "to_local") else t.device
+            m = torch.ones(t.shape, dtype=torch.bool, device=dev)
             for d, idx in dims.items():
-                m.index_fill_(d, idx.to(t.device), False)
+                m.index_fill_(d, idx.to(dev), False)
             if fqn in store:  # remember the values of newly masked entries as they are now
                 newly = store[fqn]["mask"] & ~m
-                store[fqn]["orig"] = torch.where(newly, t.detach(), store[fqn]["orig"])
+                store[fqn]["orig"] = torch.where(_like(newly, t), t.detach(), store[fqn]["orig"])
                 store[fqn]["mask"] &= m
             else:
                 store[fqn] = {"mask": m, "orig": t.detach().clone()}
-            t.mul_(store[fqn]["mask"])
+            t.mul_(_like(store[fqn]["mask"], t))
     return model
 
 
@@ -445,7 +458,8 @@ def apply_masks(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for fqn, s in store.items():
             mod, attr = module_attr(model, fqn)
-            getattr(mod, attr).mul_(s["mask"])
+            t = getattr(mod, attr)
+            t.mul_(_like(s["mask"], t))
     return model
 
 
@@ -456,7 +470,7 @@ def unmask(model: nn.Module) -> nn.Module:
         for fqn, s in store.items():
             mod, attr = module_attr(model, fqn)
             t = getattr(mod, attr)
-            t.copy_(torch.where(s["mask"], t, s["orig"]))
+            t.copy_(torch.where(_like(s["mask"], t), t, s["orig"]))
     if hasattr(model, _MASKS):
         object.__delattr__(model, _MASKS)
     return model

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..._callbacks import callback
 from ...capture import call_model, eval_mode, flatten_outputs
+from ...runs import distributed as D
 from ...runs.workdir import Workdir, model_info
 from ...surgery import RECORD_ATTR, prune as _prune, replay_record
 from ..pruner import Pruner
@@ -68,6 +69,14 @@ class AdaptivePruner(CandidateSearch, LatencyBudget, Persistence):
             the table and for the whole-model cross-check), e.g. a deterministic cost model in tests.
         seed: candidate ``k`` of iteration ``i`` runs under ``torch.manual_seed(seed + i * 1000 + k)``.
         max_iterations: safety stop for the search.
+        distributed: spread the candidates over the ranks of ``torch.distributed`` (default ``None``: when it is
+            initialised, over the default group; a process group: over that group; ``False``: every rank runs
+            the whole search alone).  Every rank builds the same pruner and calls :meth:`run`; rank ``r``
+            fine-tunes and evaluates candidates ``r, r + world, ...`` (with ``workers`` processes of its own),
+            the metrics are gathered, every rank picks the same winner (the same rule and seeds as one process)
+            and receives its weights from the rank that trained it, so all ranks end with the same model.
+            Only rank 0 writes the workdir; on resume rank 0 reads it and sends the state to the others (no
+            shared file system needed).
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, target: Any = None,
@@ -81,7 +90,7 @@ class AdaptivePruner(CandidateSearch, LatencyBudget, Persistence):
                  latency_table: LatencyTable | str | Path | None = None,
                  latency_grid: Sequence[float] = (1.0, 0.75, 0.5, 0.25), measure_fn: Callable | None = None,
                  forward_fn: Callable | None = None, data: Any = None, loss_fn: Callable | None = None,
-                 seed: int = 0, max_iterations: int = 1000, budget: Any = None):
+                 seed: int = 0, max_iterations: int = 1000, budget: Any = None, distributed: Any = None):
         if budget is not None:
             if target is not None:
                 raise TypeError("AdaptivePruner: pass target=... only (budget= is its deprecated spelling)")
@@ -127,6 +136,7 @@ class AdaptivePruner(CandidateSearch, LatencyBudget, Persistence):
         self.forward_fn = forward_fn
         self.seed = int(seed)
         self.max_iterations = int(max_iterations)
+        self._dist, self._group = D.active(distributed)
         target = LatencyTarget(ratio, device=self.device, threads=threads, repeats=self.latency_repeats) \
             if kind == "latency" else _KINDS[kind](ratio)
         self.target = target
@@ -166,8 +176,8 @@ class AdaptivePruner(CandidateSearch, LatencyBudget, Persistence):
     # ------------------------------------------------------------------ search
     def _evaluate_all(self, pool, graph, it: int, props: list[tuple[int, str, dict[int, int]]],
                       scores: Mapping[int, torch.Tensor]) -> Iterator[tuple[int, dict]]:
-        def jobs():
-            for idx, name, kept in props:
+        def jobs(subset=props):
+            for idx, name, kept in subset:
                 plan = {gid: torch.argsort(scores[gid].float(), stable=True)[:graph.group(gid).size - k].tolist()
                         for gid, k in kept.items()}
                 trial = self._pruned_copy(graph, plan)
@@ -176,9 +186,39 @@ class AdaptivePruner(CandidateSearch, LatencyBudget, Persistence):
                 yield {"model": _pack(trial) if pool is not None else trial, "candidate": cand, "iteration": it,
                        "finetune_fn": self._finetune, "eval_fn": self._eval, "inputs": self.example_inputs,
                        "ref": self._ref, "forward_fn": self.forward_fn}
+        if self._dist:
+            yield from self._evaluate_shared(pool, jobs, props)
+            return
         results = pool.imap(_evaluate, jobs()) if pool is not None else map(_evaluate, jobs())
         for (idx, _, _), res in zip(props, results):
             yield idx, res
+
+    def _evaluate_shared(self, pool, jobs, props) -> Iterator[tuple[int, dict]]:
+        """Candidates spread over ranks: this rank evaluates its round-robin share, metrics are gathered, the
+        winner (first best in candidate order, as serially) is sent by the rank that trained it."""
+        g = self._group
+        world, me = D.world_size(g), D.rank(g)
+        mine = [p for k, p in enumerate(props) if k % world == me]
+        results = pool.imap(_evaluate, jobs(mine)) if pool is not None else map(_evaluate, jobs(mine))
+        local = {}
+        for (idx, _, _), res in zip(mine, results):
+            local[idx] = res
+        gathered: dict[int, dict] = {}
+        for part in D.all_gather_object({i: {"metric": r["metric"], "seconds": r["seconds"]}
+                                         for i, r in local.items()}, g):
+            gathered.update(part)
+        best = None
+        for idx, _, _ in props:
+            if best is None or gathered[idx]["metric"] > gathered[best]["metric"]:
+                best = idx
+        owner = [idx for idx, _, _ in props].index(best) % world
+        blob = None
+        if me == owner:
+            m = local[best]["model"]
+            blob = m if isinstance(m, bytes) else _pack(m)
+        blob = D.broadcast_object(blob, src=owner, group=g)
+        for idx, _, _ in props:
+            yield idx, {**gathered[idx], "model": blob if idx == best else None}
 
     def _iterate(self, pool, current: float) -> dict:
         t0 = time.perf_counter()
@@ -265,12 +305,13 @@ class AdaptivePruner(CandidateSearch, LatencyBudget, Persistence):
             self.base = self._value(self._pruner.graph)
         self.final: dict[str, Any] = {}
         if self._wd is not None:
-            if self._resume():
+            if self._resume_shared():
                 return self.model
-            self._wd.mkdir()
-            if self.iteration == 0:
-                self._wd.write_state(self._state())
-                self._wd.write_text(LOG_FILE, "")
+            if D.is_main(self._group if self._dist else None):
+                self._wd.mkdir()
+                if self.iteration == 0:
+                    self._wd.write_state(self._state())
+                    self._wd.write_text(LOG_FILE, "")
         target = self.ratio * self.base
         full = {s.group.id: s.min_keep for s in self._pruner._slots()}
         if self._value(self._pruner.graph, full) > target * (1 + 1e-9):

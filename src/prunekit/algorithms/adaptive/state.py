@@ -55,7 +55,40 @@ class Persistence:
                  self.iteration)
         return self.done
 
+    def _writes(self) -> bool:
+        """Whether this process writes the workdir (rank 0 of the search's group, or no distributed search)."""
+        from ...runs.distributed import is_main
+        return not getattr(self, "_dist", False) or is_main(self._group)
+
+    def _resume_shared(self) -> bool:
+        """:meth:`_resume` on the writing rank; the other ranks of a distributed search receive its outcome
+        (schedule state, pruning record and weights), so ranks need no shared file system."""
+        if not getattr(self, "_dist", False):
+            return self._resume()
+        from ...runs.distributed import broadcast_object
+        from ...surgery import replay_record
+        done = self._resume() if self._writes() else None
+        keys = ("base", "goal", "iteration", "history", "done", "_checkpoint", "final")
+        box = None
+        if self._writes():
+            box = {"done": done, "state": {k: getattr(self, k, None) for k in keys},
+                   "record": getattr(self.model, RECORD_ATTR, None) or [],
+                   "weights": self.model.state_dict() if self.iteration else None}
+        box = broadcast_object(box, src=0, group=self._group)
+        if not self._writes():
+            for k, v in box["state"].items():
+                setattr(self, k, v)
+            if box["weights"] is not None:
+                replay_record(self.model, box["record"])
+                self.model.load_state_dict(box["weights"])
+                self._pruner.invalidate()
+        return bool(box["done"])
+
     def _save_iteration(self, entry: dict) -> None:
+        if not self._writes():
+            name = FINAL_FILE if self.done else f"iter_{self.iteration:04d}.safetensors"
+            self._checkpoint = name  # what rank 0 wrote (the state stays identical on every rank)
+            return
         wd = self._wd
         old = self._checkpoint
         name = FINAL_FILE if self.done else f"iter_{self.iteration:04d}.safetensors"

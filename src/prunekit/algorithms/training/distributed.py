@@ -14,6 +14,8 @@ def _dist_world() -> int:
 
 def average_scores(scores: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
     """All-reduce (mean) per-group scores across ranks when ``torch.distributed`` is initialised."""
+    # scores computed from FSDP2-sharded parameters are DTensors: gather them (every rank takes part)
+    scores = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in scores.items()}
     world = _dist_world()
     if world == 1 or not scores:
         return scores

@@ -251,22 +251,52 @@ class TrainingPruner:
         entry = {"epoch": epoch, "goal": goal, "macs_fraction": after, "units_masked": new_units, "pruned": False}
         log.info("epoch %d: masked %d more unit(s); MACs kept %.4f (schedule %.4f, target %.4f)", epoch, new_units,
                  after, goal, c["target"])
-        if epoch >= c["end_epoch"] or after <= c["target"] + 1e-9:
+        if (epoch >= c["end_epoch"] or after <= c["target"] + 1e-9) and self._sharded():
+            log.info("epoch %d: the target is reached; the model is FSDP-sharded, so the masked units are removed "
+                     "when you call finalize(into=<unsharded model>) (the masks hold until then)", epoch)
+        elif epoch >= c["end_epoch"] or after <= c["target"] + 1e-9:
             self.finalize()
             entry["pruned"] = True
             entry["macs_fraction"] = self.macs_fraction()
         self.history.append(entry)
         return entry
 
-    def finalize(self, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
-        """Remove the masked units physically now and rebuild the optimizer; returns the pruned module."""
+    def _sharded(self) -> bool:
+        return any(hasattr(p, "full_tensor") for p in self.module.parameters())
+
+    def finalize(self, optimizer: torch.optim.Optimizer | None = None, *, into: nn.Module | None = None) -> nn.Module:
+        """Remove the masked units physically now and rebuild the optimizer; returns the pruned module.
+
+        ``into``: for an FSDP2-sharded model (``fully_shard``; a sharded model cannot be resized in place), a freshly
+        built, unsharded model of the same architecture: it receives the gathered weights
+        (:func:`prunekit.runs.distributed.full_state_dict`) and the masks, and is pruned and returned (it becomes
+        ``self.module``; shard it again to train on).  Every rank must call it (the gathering is collective); every
+        rank gets the same pruned model."""
         if self.pruned:
             return self.module
+        if into is None and self._sharded():
+            raise ValueError("TrainingPruner.finalize: the model's parameters are sharded (FSDP2 fully_shard), and a "
+                             "sharded model cannot be resized in place; pass into=<a freshly built unsharded model of "
+                             "the same architecture> (every rank): it gets the gathered weights and is pruned")
         opt = optimizer or self.optimizer
         if self.hook is not None:
             self.hook.remove()
             self.hook = None
-        masked_to_pruned(self.module, self.graph, verify=self.config["verify"])
+        if into is not None:
+            from ...runs.distributed import full_state_dict
+            store = _store(self.module)
+            into.load_state_dict(full_state_dict(self.module))
+            full = {fqn: {"mask": st["mask"].cpu().clone(),
+                          "orig": (st["orig"].full_tensor() if hasattr(st["orig"], "full_tensor") else st["orig"])
+                          .detach().cpu().clone()} for fqn, st in store.items()}
+            if hasattr(self.module, RECORD_ATTR):
+                object.__setattr__(into, RECORD_ATTR, copy.deepcopy(getattr(self.module, RECORD_ATTR)))
+            object.__setattr__(into, _MASKS, full)
+            self.model = self.module = into
+            opt = optimizer  # the old optimizer holds the sharded parameters: build a new one for the new model
+            masked_to_pruned(into, self.example_inputs, forward_fn=self.forward_fn, verify=self.config["verify"])
+        else:
+            masked_to_pruned(self.module, self.graph, verify=self.config["verify"])
         self.pruned = True
         if opt is not None:
             rebuild_optimizer(opt, self.module, reset=self.config["reset_optimizer"])
@@ -326,13 +356,21 @@ class TrainingPruner:
 
     def save_checkpoint(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None,
                         **extra: Any) -> None:
-        """Save model weights, pruner state and (optionally) optimizer state to ``path`` (atomically)."""
+        """Save model weights, pruner state and (optionally) optimizer state to ``path`` (atomically).
+
+        Under ``torch.distributed`` only rank 0 writes (every rank holds the same model, masks and schedule);
+        every rank must call it (the ranks wait for the file before going on)."""
+        from ...runs.distributed import barrier, is_main
+        if not is_main():
+            barrier()
+            return
         opt = optimizer or self.optimizer
         ck = {"model": self.module.state_dict(), "pruner": self.state_dict(),
               "optimizer": opt.state_dict() if opt is not None else None, "extra": extra,
               "resume": {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "model": self._start,
                          "config": self.resume_config()}}
         write_torch(path, ck)
+        barrier()
 
     def resume_config(self) -> dict[str, Any]:
         """The settings a resumed run must share with the saved one (the config as plain JSON values)."""

@@ -325,13 +325,19 @@ class DataCriterion(Criterion):
     current training mode during the passes (use ``model.eval()`` / ``.train()`` before scoring to
     choose); nothing about it changes (see :func:`grad_sandbox`), and the user's training loop needs
     no change.
+
+    Data-parallel scoring: when ``torch.distributed`` is initialised each rank passes its own batches and the
+    accumulated statistics are summed across ranks before scoring (:meth:`_reduce`), so every rank gets the
+    scores of one process that saw all ranks' batches.  ``distributed=False`` opts out; a process group
+    object restricts the sum to that group (see :func:`prunekit.runs.distributed.active`).
     """
 
     needs_data = True
 
-    def __init__(self, *, max_batches: int | None = None, **kw):
+    def __init__(self, *, max_batches: int | None = None, distributed: Any = None, **kw):
         super().__init__(**kw)
         self.max_batches = max_batches
+        self.distributed = distributed
 
     def _prepare(self, model, groups, data, loss_fn, forward_fn):
         if data is None:
@@ -357,6 +363,10 @@ class DataCriterion(Criterion):
                     n += 1
         if n == 0:
             raise ValueError(f"criterion {self.name!r}: data yielded no batches")
+        from ...runs.distributed import active
+        use, pg = active(self.distributed)
+        if use:
+            self._reduce(model, groups, state, pg)
         return state
 
     # -- hooks for subclasses
@@ -369,3 +379,8 @@ class DataCriterion(Criterion):
 
     def _after_backward(self, model, groups, state) -> None:
         pass
+
+    def _reduce(self, model, groups, state, group) -> None:
+        """Sum ``state``'s accumulated statistics over the ranks of ``group`` (data-parallel scoring)."""
+        raise NotImplementedError(f"criterion {self.name!r} cannot merge its statistics across ranks; pass "
+                                  "distributed=False to score each rank's data on its own")

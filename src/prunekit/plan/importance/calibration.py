@@ -39,6 +39,7 @@ from torch import nn
 
 from ...analysis.analyzer import Group
 from ...analysis.modules import spec_of
+from ...runs import distributed as D
 from .base import Criterion, iter_batches, member_role, module_and_attr, reduce_members, resolve_groups, unit_view
 
 log = logging.getLogger("prunekit.importance")
@@ -199,6 +200,52 @@ def collect_input_stats(model: nn.Module, names: Iterable[str], data: Any, *, fo
     return stats
 
 
+def reduce_stats(stats: CalibrationStats, group: Any = None) -> CalibrationStats:
+    """Merge every rank's :class:`CalibrationStats` in place (data-parallel calibration): afterwards each rank holds
+    the statistics of all ranks' tokens -- counts and sums added, centred second moments merged with Chan et
+    al.'s parallel update in rank order -- i.e. what one process seeing all the data computes (not an average
+    of per-rank averages), bit-identical on every rank.  Modules that ran on some ranks only are included."""
+    if D.world_size(group) == 1:
+        return stats
+    shapes: dict[str, int] = {}
+    for part in D.all_gather_object({k: v.channels for k, v in stats.items()}, group):
+        for k, c in part.items():
+            if shapes.setdefault(k, c) != c:
+                raise ValueError(f"calibration: the input of {k} has {shapes[k]} channels on one rank and {c} on "
+                                 "another; every rank must run the same model")
+    names = sorted(shapes)
+    vecs = []
+    for k in names:
+        st = stats.get(k) or ChannelStats(shapes[k])
+        vecs.append(torch.cat([torch.tensor([float(st.n), float(stats.batches)], dtype=torch.float64),
+                               st.sum, st.abs_sum, st.sq_sum, st.m2]))
+    flat = torch.cat(vecs) if vecs else torch.tensor([float(stats.batches)], dtype=torch.float64)
+    parts = D.all_gather_tensor(flat, group)
+    stats.batches = int(sum(int(p[1].item()) for p in parts)) if names else int(sum(p[0].item() for p in parts))
+    pos = 0
+    for k in names:
+        c = shapes[k]
+        merged = ChannelStats(c)
+        for p in parts:
+            seg = p[pos:pos + 2 + 4 * c]
+            n = int(seg[0].item())
+            if n == 0:
+                continue
+            s_, a_, q_, m2_ = (seg[2 + i * c:2 + (i + 1) * c] for i in range(4))
+            if merged.n:
+                delta = s_ / n - merged.sum / merged.n
+                merged.m2 += m2_ + delta.pow(2) * (merged.n * n / (merged.n + n))
+            else:
+                merged.m2 += m2_
+            merged.n += n
+            merged.sum += s_
+            merged.abs_sum += a_
+            merged.sq_sum += q_
+        pos += 2 + 4 * c
+        stats[k] = merged
+    return stats
+
+
 # ---------------------------------------------------------------------------- criteria
 def consumer_members(model: nn.Module, group: Group) -> list[tuple[str, Any, torch.Tensor]]:
     """(module name, member, weight) for each member that is a layer's input-channel slice of ``group``."""
@@ -237,15 +284,21 @@ class CalibrationCriterion(Criterion):
     """Base of the activation-statistics criteria: one no-grad pass over ``data`` (see the module docstring).
 
     After :meth:`scores`, ``last_stats`` holds the :class:`CalibrationStats` of that pass (also used by
-    ``pk.Pruner(bias_compensation=True)``).  ``max_batches`` caps the batches used.
+    ``pk.Pruner(bias_compensation=True)``).  ``max_batches`` caps the batches used (per rank).
+
+    Data-parallel calibration: when ``torch.distributed`` is initialised each rank passes its own batches and
+    the running statistics are merged across ranks before scoring (:func:`reduce_stats`), so every rank gets
+    the scores one process would compute from all ranks' data.  ``distributed=False`` opts out (each rank
+    scores its own data); a process group object restricts the merge to that group.
     """
 
     needs_data = True
     fallback_name = "l2 (no consumer layer of the group ran)"
 
-    def __init__(self, *, max_batches: int | None = None, **kw):
+    def __init__(self, *, max_batches: int | None = None, distributed: Any = None, **kw):
         super().__init__(**kw)
         self.max_batches = max_batches
+        self.distributed = distributed
         self.last_stats: CalibrationStats | None = None
 
     def scores(self, model, graph, groups=None, *, data=None, loss_fn=None, forward_fn=None):
@@ -266,6 +319,9 @@ class CalibrationCriterion(Criterion):
                              "'l2' need no data")
         names = {name for g in groups for name, _m, _w in consumer_members(model, g)}
         stats = collect_input_stats(model, names, data, forward_fn=forward_fn, max_batches=self.max_batches)
+        use, pg = D.active(self.distributed)
+        if use:
+            reduce_stats(stats, pg)
         self.last_stats = stats
         from .weight import L2
         fb = L2(reduction=self.reduction, include_consumers=self.include_consumers, include_bias=self.include_bias,
@@ -359,4 +415,4 @@ class FLAP(CalibrationCriterion):
 
 
 __all__ = ["Activation", "CalibrationCriterion", "CalibrationStats", "ChannelStats", "FLAP", "WandaSP",
-           "calib_forward", "collect_input_stats", "consumer_members", "group_kind"]
+           "calib_forward", "collect_input_stats", "consumer_members", "group_kind", "reduce_stats"]

@@ -8,7 +8,13 @@ import torch
 from torch import nn
 
 from ...analysis.modules import spec_of
+from ...runs.distributed import all_reduce_sum
 from .base import DataCriterion, log, output_dim, reduce_members, unit_view
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (statistics of FSDP2-sharded parameters) as a plain tensor; other tensors unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 class _WeightGrad(DataCriterion):
@@ -35,6 +41,20 @@ class _WeightGrad(DataCriterion):
                     v = self._unit_value(m, p.detach().float(), p.grad.detach().float())
                     key = (gid, id(m))
                     acc[key] = acc[key] + v if key in acc else v
+
+    def _reduce(self, model, groups, state, group):
+        # the keys in a rank-independent order (group id, member position); absent values (no gradient) are zeros
+        keys = [(gid, id(m)) for gid, elig in sorted(state["elig"].items()) for m, _p, _r in elig]
+        sizes = {g.id: g.size for g in groups}
+        vals = [state["acc"].get(k) for k in keys]
+        vals = [torch.zeros(sizes[k[0]]) if v is None else _full(v).float().cpu() for k, v in zip(keys, vals)]
+        if not vals:
+            return
+        tot = all_reduce_sum(torch.cat(vals), group)
+        pos = 0
+        for k, v in zip(keys, vals):
+            state["acc"][k] = tot[pos:pos + v.numel()]
+            pos += v.numel()
 
     def _member_score(self, model, group, member, w, ctx):
         v = ctx["acc"].get((group.id, id(member)))
@@ -140,6 +160,26 @@ class TaylorAct(DataCriterion):
 
     def _after_backward(self, model, groups, state):
         state["fallback"]._after_backward(model, groups, state["taylor"])
+
+    def _reduce(self, model, groups, state, group):
+        names = sorted({name for lst in state["by_group"].values() for name, _m in lst})
+        vals = []
+        for name in names:
+            mod = model.get_submodule(name)
+            c = mod.weight.shape[output_dim(mod)]
+            v = state["act"].get(name)
+            # one extra entry counts the ranks where the module ran (a module that ran nowhere keeps no entry)
+            vals.append(torch.cat([torch.zeros(c) if v is None else v.float().cpu(),
+                                   torch.tensor([float(v is not None)])]))
+        if vals:
+            tot = all_reduce_sum(torch.cat(vals), group)
+            pos = 0
+            for name, v in zip(names, vals):
+                seg = tot[pos:pos + v.numel()]
+                if seg[-1] > 0:
+                    state["act"][name] = seg[:-1]
+                pos += v.numel()
+        state["fallback"]._reduce(model, groups, state["taylor"], group)
 
     def _group_score(self, model, group, ctx):
         vecs = [unit_view(m, ctx["act"][name], dim=0).sum(1).cpu()
