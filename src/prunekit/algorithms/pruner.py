@@ -483,9 +483,7 @@ class Pruner:
         tol, rounds, f = 0.02, 4, 1.0
         tried: list[tuple[float, dict[int, int]]] = []
         for _ in range(rounds):
-            kept = solve(lm, self.graph, slots, scores, lm.base_ms * goal * f, self.criterion)
-            if kept is None:
-                break
+            kept = solve(lm, self.graph, slots, scores, lm.base_ms * goal * f, self.criterion, exhaust=True)
             r = self._latency_of(kept) / max(base, 1e-12)
             tried.append((r, kept))
             log.info("latency knapsack: predicted budget x%.3f -> measured %.4f of the original (goal %.4f)", f, r,
@@ -493,16 +491,15 @@ class Pruner:
             if abs(r - goal) <= tol * goal:
                 return kept
             f *= goal / max(r, 1e-9)
-        if not tried:
-            raise ValueError(f"{type(t).__name__}({t.ratio}) is not reachable: the latency model predicts that even "
-                             "every eligible group at its minimum (max_ratio, round_to, ignored and pinned groups) does "
-                             "not reach it; choose a larger ratio or relax the constraints")
         ok = [x for x in tried if x[0] <= goal * (1 + tol)]
-        r, kept = max(ok, key=lambda x: x[0]) if ok else min(tried, key=lambda x: x[0])
         if not ok:
-            log.warning("latency knapsack: the measured latency stays at %.4f of the original (goal %.4f): the model "
-                        "cannot be made faster with the current constraints", r, goal)
-        return kept
+            r = min(x[0] for x in tried)
+            raise ValueError(
+                f"{type(t).__name__}({t.ratio}) is not reachable: with the current constraints (ignored modules, "
+                f"max_ratio={self.max_ratio}, round_to={self.round_to}, pinned groups) the fastest plan the latency "
+                f"model finds measures {r:.4g} of the original latency on {getattr(t, 'backend', 'eager')}; choose a "
+                "larger ratio or relax the constraints (time outside the prunable layers cannot be removed)")
+        return max(ok, key=lambda x: x[0])[1]
 
     def _measure(self, model: nn.Module) -> float:
         from ..cost import latency

@@ -36,9 +36,9 @@ def ladder(slot: Any) -> list[int]:
 
 
 def solve(lm: Any, graph: Any, slots: Sequence[Any], scores: Mapping[int, torch.Tensor], budget_ms: float,
-          criterion: Any = None, *, lookahead: int = LOOKAHEAD) -> dict[int, int] | None:
-    """{group id: kept units} whose predicted latency (``lm``'s whole-model prediction) is within ``budget_ms``,
-    or None if even every slot at its last rung is predicted above it."""
+          criterion: Any = None, *, lookahead: int = LOOKAHEAD, exhaust: bool = False) -> dict[int, int] | None:
+    """{group id: kept units} whose predicted latency (``lm``'s whole-model prediction) is within ``budget_ms``;
+    if even every slot at its last saving rung is predicted above it: None, or that plan with ``exhaust=True``."""
     layers = lm.layers
     width = {n: list(w) for n, w in lm.widths(graph, {}).items()}
     full = lm.layers_ms()
@@ -102,7 +102,7 @@ def solve(lm: Any, graph: Any, slots: Sequence[Any], scores: Mapping[int, torch.
     while total > budget_ms * (1 + 1e-9):
         cand = [(mv[0], i) for i, mv in moves.items() if mv is not None]
         if not cand:
-            return None
+            return {sl.group.id: k for sl, k in zip(slots, kept)} if exhaust else None
         _, i = min(cand)
         _, j, nw = moves[i]
         for n, w in nw.items():
