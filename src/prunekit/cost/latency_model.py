@@ -283,6 +283,8 @@ class _Layer:
         if self.depthwise:
             return self.calls * _interp(self.out_curve, min(cin, cout))
         t = self.full_ms
+        if t <= 0:
+            return 0.0
         r_in = _interp(self.in_curve, cin) / t if self.in_curve and cin != self.in_full else 1.0
         r_out = _interp(self.out_curve, cout) / t if self.out_curve and cout != self.out_full else 1.0
         return self.calls * t * r_in * r_out

@@ -114,6 +114,31 @@ def solve(lm: Any, graph: Any, slots: Sequence[Any], scores: Mapping[int, torch.
         dirty = {i} | {k for n, _, _ in touch[i] for k in by_layer.get(n, ())}
         for k in dirty:
             moves[k] = best_move(k)
+    # the last moves may overshoot (a rung can be large): give rungs back while the budget allows, the most
+    # importance regained per ms first
+    while True:
+        best = None
+        for i, sl in enumerate(slots):
+            if pos[i] == 0:
+                continue
+            k = rungs[i][pos[i] - 1]
+            nw = widths_after(i, k)
+            cost = sum(layers[n].ms(*w) - lay_ms[n] for n, w in nw.items()) * factor
+            if total + cost > budget_ms * (1 + 1e-9):
+                continue
+            gain = cum[i][sl.cur - kept[i]] - cum[i][sl.cur - k]
+            r = gain / max(cost, 1e-12)
+            if best is None or r > best[0]:
+                best = (r, i, k, nw)
+        if best is None:
+            break
+        _, i, k, nw = best
+        for n, w in nw.items():
+            width[n] = w
+            new = layers[n].ms(*w)
+            total += (new - lay_ms[n]) * factor
+            lay_ms[n] = new
+        pos[i], kept[i] = pos[i] - 1, k
     return {sl.group.id: k for sl, k in zip(slots, kept)}
 
 
