@@ -128,6 +128,10 @@ def test_round_to_auto_only_chooses_measured_fast_widths():
     allowed = {s.group.id: s.allowed for s in p._slots()}
     kept = {s.group.id: s.round_keep(s.cur // 2 - 3) for s in p._slots()}
     assert all(kept[gid] in allowed[gid] for gid in kept)
+    for local in (True, False):  # the FLOPs search's give-back steps stay on allowed widths too
+        q = pk.Pruner(net(), X, "l2", pk.FlopsTarget(0.5), round_to="auto", latency_model=lm, global_pruning=local)
+        plan = q.plan()
+        assert plan and all(g.group(gid).size - len(u) in allowed[gid] for gid, u in plan.items())
     p.prune()
     for name in ("0", "3", "8"):
         conv = model.get_submodule(name)

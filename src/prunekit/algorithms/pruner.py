@@ -340,7 +340,7 @@ class Pruner:
         for members in sorted(classes.values(), key=lambda c: -sum(x.orig for x in c)):
             trial = dict(kept)
             for sl in members:
-                trial[sl.group.id] = min(sl.cur, kept[sl.group.id] + sl.step)
+                trial[sl.group.id] = min(sl.cur, sl.round_keep(kept[sl.group.id] + sl.step))  # (auto: next allowed)
             if trial != kept and value(trial) <= goal:
                 kept = trial
         return kept
