@@ -42,6 +42,7 @@ class _Slot:
     step: int  # kept units are a multiple of this (see unit_step: kept widths are multiples of round_to)
     ratio: float | None  # per-module ratio override (final channel ratio)
     cls: tuple = ()  # uniform pruning: slots with the same class keep the same number of units
+    allowed: list[int] | None = None  # round_to="auto": the kept counts allowed (measured, fast side), ascending
 
     @property
     def cur(self) -> int:
@@ -49,6 +50,8 @@ class _Slot:
 
     def round_keep(self, kept: float) -> int:
         k = max(self.min_keep, int(math.ceil(kept - 1e-9)))
+        if self.allowed is not None:
+            return next((a for a in self.allowed if a >= k), self.cur)
         if self.step > 1:
             k = int(math.ceil(k / self.step) * self.step)
         return min(self.cur, k)
@@ -105,6 +108,8 @@ class Pruner:
             in steps that make every tensor dim the group cuts a multiple of ``round_to`` (see
             :func:`unit_step`); whole heads too (their width is a multiple of head_dim).  Experts are not
             rounded.  A group smaller than one step is not pruned.
+            ``"auto"``: per group, only widths measured by the :attr:`latency_model` and on the fast side of its
+            staircase (strictly faster than every wider measured width) are kept.
         max_ratio: at most this fraction of a group's (original) units is removed; one unit always stays.
         ratios: per-module channel-ratio overrides ``{module or name pattern: ratio}`` (local pruning).
         ignore: modules (objects or fnmatch name patterns) whose output channels are never pruned.  The
@@ -121,7 +126,10 @@ class Pruner:
             that closes a pruned group (``o_proj`` for heads, ``down_proj`` for MLP neurons; groups under a
             norm, such as the hidden width, are not compensated) is added to that layer's bias, created where
             it has none (see :mod:`prunekit.algorithms.compensation`; transformers configs get
-            ``attention_bias`` / ``mlp_bias``).  The means come from ``data`` (the calibration pass of an
+            ``attention_bias`` / ``mlp_bias``).
+        latency_model: a :class:`prunekit.LatencyModel` of ``model`` to use for a ``LatencyTarget`` (knapsack)
+            and ``round_to="auto"``; default: built on first use from the target's backend, device, threads and
+            batch size (eager CPU for other targets), measured layers cached on disk.  The means come from ``data`` (the calibration pass of an
             ``"activation"`` / ``"wanda_sp"`` / ``"flap"`` criterion is reused; other criteria get one extra
             no-grad pass).  Verification checks the removal against the masked model before the biases are
             added; ``history[-1]`` lists what was compensated.
@@ -138,15 +146,16 @@ class Pruner:
                  max_ratio: float = 1.0, ratios: Mapping[Any, float] | None = None,
                  ignore: Iterable[Any] | None = None, data: Any = None, loss_fn: Callable | None = None,
                  prune_outputs: bool = False, verify: bool = True, criterion_kwargs: Mapping | None = None,
-                 attention: str = "head_dim", uniform: bool = False, bias_compensation: bool = False):
+                 attention: str = "head_dim", uniform: bool = False, bias_compensation: bool = False,
+                 latency_model: Any = None):
         from ..plan.importance import get_criterion
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"Pruner expects an nn.Module, got {type(model).__name__}")
         if example_inputs is None and forward_fn is None:
             raise ValueError("Pruner needs example_inputs (e.g. torch.randn(1, 3, 224, 224)) or a forward_fn")
-        if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
-            raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
+        if round_to != "auto" and (not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1):
+            raise ValueError(f"round_to must be a positive integer or 'auto', got {round_to!r}")
         if not 0.0 < float(max_ratio) <= 1.0:
             raise ValueError(f"max_ratio must be in (0, 1], got {max_ratio!r}")
         if attention not in ("head_dim", "heads", "both"):
@@ -186,6 +195,7 @@ class Pruner:
         self.base_macs = g0.macs()
         self.base_params = g0.params_kept({})
         self._base_latency: float | None = None
+        self._latency_model = latency_model
         self.history: list[dict] = []
         self._removed: dict[str, int] = {}  # units removed by this pruner, per unit kind (summary)
 
@@ -211,8 +221,10 @@ class Pruner:
             orig = self._orig.get(group_key(g), g.size)
             ratio = next((r for p, r in self.ratios.items() if any(fnmatch.fnmatchcase(m, p) for m in mods)), None)
             min_keep = max(g.min_keep, int(math.ceil(orig * (1.0 - self.max_ratio) - 1e-9)))
-            step = unit_step(g, self.round_to)
+            step = unit_step(g, 1 if self.round_to == "auto" else self.round_to)
             s = _Slot(g, orig, min_keep, step, ratio)
+            if self.round_to == "auto":
+                s.allowed = self.latency_model.fast_widths(self.graph, g, min_keep)
             s.min_keep = min(s.round_keep(min_keep), g.size)
             if self.uniform:
                 s.cls = (g.unit, orig, g.size, step, tuple(sorted({_block_pattern(m) for m in mods})))
@@ -274,6 +286,8 @@ class Pruner:
             knob = self._uniform_global_knob(slots, scores) if self.uniform else self._global_knob(slots, scores)
         else:
             knob = self._local_knob(slots, s)
+        if t.kind == "latency" and getattr(t, "method", "search") == "knapsack":
+            return self._latency_knapsack(slots, scores, s)
         if t.kind == "channels":
             if self.global_pruning:
                 total = sum(sl.orig for sl in slots)
@@ -326,7 +340,7 @@ class Pruner:
         for members in sorted(classes.values(), key=lambda c: -sum(x.orig for x in c)):
             trial = dict(kept)
             for sl in members:
-                trial[sl.group.id] = min(sl.cur, kept[sl.group.id] + sl.step)
+                trial[sl.group.id] = min(sl.cur, sl.round_keep(kept[sl.group.id] + sl.step))  # (auto: next allowed)
             if trial != kept and value(trial) <= goal:
                 kept = trial
         return kept
@@ -447,9 +461,53 @@ class Pruner:
         raise ValueError(f"unknown target kind {kind!r}")
 
     # ------------------------------------------------------------------ latency
+    @property
+    def latency_model(self):
+        """The :class:`prunekit.LatencyModel` used by latency targets and ``round_to="auto"`` (built on first use
+        on the model as it is then, from the target's backend/device/threads/batch size)."""
+        if self._latency_model is None:
+            from ..cost.latency_model import latency_model_for
+            self._latency_model = latency_model_for(self.model, self.example_inputs, self.target, graph=self.graph,
+                                                    forward_fn=self.forward_fn)
+        return self._latency_model
+
+    def _latency_knapsack(self, slots: list[_Slot], scores: dict[int, torch.Tensor], s: float) -> dict[int, int]:
+        """Kept units per group for a latency budget: the latency model's predicted budget filled greedily by
+        importance lost per ms saved (see :func:`prunekit.plan.knapsack.solve`), then the whole pruned model is
+        measured and the predicted budget corrected by the measured ratio (at most ``rounds`` measurements; the
+        best plan within 2 % of the goal, else the closest one under it, else the fastest)."""
+        from ..plan.knapsack import solve
+        t, lm = self.target, self.latency_model
+        goal = 1.0 - s  # fraction of the ORIGINAL measured latency to keep
+        base = self.base_latency
+        tol, rounds, f = 0.02, 4, 1.0
+        tried: list[tuple[float, dict[int, int]]] = []
+        for _ in range(rounds):
+            kept = solve(lm, self.graph, slots, scores, lm.base_ms * goal * f, self.criterion, exhaust=True)
+            r = self._latency_of(kept) / max(base, 1e-12)
+            tried.append((r, kept))
+            log.info("latency knapsack: predicted budget x%.3f -> measured %.4f of the original (goal %.4f)", f, r,
+                     goal)
+            if abs(r - goal) <= tol * goal:
+                return kept
+            f *= goal / max(r, 1e-9)
+        ok = [x for x in tried if x[0] <= goal * (1 + tol)]
+        if not ok:
+            r = min(x[0] for x in tried)
+            raise ValueError(
+                f"{type(t).__name__}({t.ratio}) is not reachable: with the current constraints (ignored modules, "
+                f"max_ratio={self.max_ratio}, round_to={self.round_to}, pinned groups) the fastest plan the latency "
+                f"model finds measures {r:.4g} of the original latency on {getattr(t, 'backend', 'eager')}; choose a "
+                "larger ratio or relax the constraints (time outside the prunable layers cannot be removed)")
+        return max(ok, key=lambda x: x[0])[1]
+
     def _measure(self, model: nn.Module) -> float:
         from ..cost import latency
         t = self.target
+        if getattr(t, "method", "search") == "knapsack" and t.kind == "latency":
+            from ..cost.latency_model import measure
+            return measure(model, self.example_inputs, t.backend, t.device, t.threads, t.batch_size,
+                           repeats=t.repeats, forward_fn=self.forward_fn).median_ms
         res = latency(model, self.example_inputs, device=getattr(t, "device", "cpu"), threads=getattr(t, "threads", None),
                       repeats=getattr(t, "repeats", 10), forward_fn=self.forward_fn)
         return res.median_ms

@@ -14,7 +14,7 @@ from typing import Any
 
 from .common import USAGE, CLIError
 
-TARGET_KEYS = ("ratio", "flops_target", "params_target")
+TARGET_KEYS = ("ratio", "flops_target", "params_target", "latency_target")
 NOT_IN_CONFIG = {"config", "help", "debug"}
 
 

@@ -79,6 +79,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    help="fraction of the FLOPs KEPT, in (0, 1]: 0.5 halves the FLOPs")
     t.add_argument("--params-target", type=float, metavar="P",
                    help="fraction of the parameters KEPT, in (0, 1]: 0.5 halves the parameter count")
+    t.add_argument("--latency-target", type=float, metavar="L",
+                   help="fraction of the measured latency KEPT, in (0, 1], on --latency-backend at --latency-batch: "
+                        "a latency model of this machine is measured (cached) and the budget filled by importance "
+                        "per ms saved")
     s.add_argument("--global", dest="global_pruning", action="store_true",
                    help="rank units across all groups (scores normalised per group) instead of the same ratio per "
                         "group")
@@ -104,7 +108,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     s.add_argument("--report", metavar="PATH", help="write the JSON report (the --json content) to PATH")
     s.add_argument("--plot", metavar="DIR", help="write DIR/widths.png and DIR/scores.png (needs matplotlib: "
                                                  "pip install 'prunekit[viz]')")
-    s.add_argument("--latency", action="store_true", help="measure CPU latency before and after (prunekit.latency)")
+    s.add_argument("--latency", action="store_true",
+                   help="measure latency before and after on --latency-backend at --latency-batch (median and spread "
+                        "over repeats)")
+    s.add_argument("--latency-backend", default="eager", choices=["eager", "compile", "onnxruntime"],
+                   help="where latency is measured and modelled: eager PyTorch, torch.compile or ONNX Runtime "
+                        "(default eager, CPU)")
+    s.add_argument("--latency-batch", type=int, default=None, metavar="N",
+                   help="batch size of the latency measurement (default: the input's batch size)")
     subs["prune"] = s
     return p, subs
 
@@ -223,10 +234,12 @@ def _check_prune_options(args) -> Any:
     import prunekit as pk
     from ..plan.importance import CRITERIA
 
-    given = [d for d in ("ratio", "flops_target", "params_target") if getattr(args, d, None) is not None]
+    given = [d for d in ("ratio", "flops_target", "params_target", "latency_target")
+             if getattr(args, d, None) is not None]
     if not given:
         raise CLIError("prune needs a target: --ratio R (fraction of units removed), --flops-target F "
-                       "(fraction of FLOPs kept) or --params-target P (fraction of parameters kept)")
+                       "(fraction of FLOPs kept), --params-target P (fraction of parameters kept) or "
+                       "--latency-target L (fraction of the measured latency kept)")
     if len(given) > 1:  # only possible through a config file
         raise CLIError(f"give either {' or '.join(_where(args, d) for d in given)}, not "
                        f"{'both' if len(given) == 2 else 'several'}")
@@ -236,6 +249,9 @@ def _check_prune_options(args) -> Any:
          "must be in (0, 1] (the fraction of FLOPs kept)"),
         ("params_target", args.params_target is None or 0.0 < args.params_target <= 1.0,
          "must be in (0, 1] (the fraction of parameters kept)"),
+        ("latency_target", args.latency_target is None or 0.0 < args.latency_target <= 1.0,
+         "must be in (0, 1] (the fraction of the measured latency kept)"),
+        ("latency_batch", args.latency_batch is None or args.latency_batch >= 1, "must be a positive integer"),
         ("max_ratio", 0.0 < args.max_ratio <= 1.0, "must be in (0, 1]"),
         ("round_to", args.round_to >= 1, "must be a positive integer"),
         ("data_batches", args.data_batches >= 1, "must be a positive integer"),
@@ -253,6 +269,8 @@ def _check_prune_options(args) -> Any:
         return pk.ChannelRatio(args.ratio)
     if args.params_target is not None:
         return pk.ParamsTarget(args.params_target)
+    if args.latency_target is not None:
+        return pk.LatencyTarget(args.latency_target, backend=args.latency_backend, batch_size=args.latency_batch)
     return pk.FlopsTarget(args.flops_target)
 
 
@@ -300,6 +318,15 @@ def _output_shapes(model, x) -> list[list[int]]:
         return [list(t.shape) for t in flatten_outputs(call_model(model, x))[0]]
 
 
+def _measure_latency(args, model, x):
+    """Latency on --latency-backend at --latency-batch: a :class:`prunekit.cost.latency_model.Timing`."""
+    from ..cost.latency_model import BackendUnavailable, measure
+    try:
+        return measure(model, x, args.latency_backend, batch_size=args.latency_batch, repeats=10)
+    except BackendUnavailable as e:
+        raise CLIError(f"--latency-backend {args.latency_backend}: {e}", FAILURE) from e
+
+
 def cmd_prune(args, parser, argv) -> int:
     import prunekit as pk
 
@@ -341,7 +368,7 @@ def cmd_prune(args, parser, argv) -> int:
     lat_before = None
     if args.latency:
         with steps("latency_before", "measuring latency (before)"):
-            lat_before = pk.latency(model, x)
+            lat_before = _measure_latency(args, model, x)
     scores = None
     if args.plot:
         with steps("score", f"scoring units ({crit.name})"):
@@ -363,7 +390,7 @@ def cmd_prune(args, parser, argv) -> int:
     lat_after = None
     if args.latency:
         with steps("latency_after", "measuring latency (after)"):
-            lat_after = pk.latency(model, x)
+            lat_after = _measure_latency(args, model, x)
 
     report = prune_report(args, lm, target=target, criterion=crit, shape=shape, sources=sources, graph=graph,
                           plan=plan, stats_before=stats_before, stats_after=stats_after, proportion=proportion,

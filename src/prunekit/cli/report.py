@@ -126,7 +126,13 @@ def prune_report(args, lm, *, target, criterion, shape, sources: dict[str, str],
     after = {"macs": stats_after.macs, "flops": stats_after.flops, "params": stats_after.params}
     if latency_before is not None:
         before["latency_ms"], after["latency_ms"] = latency_before.median_ms, latency_after.median_ms
+    latency = None if latency_before is None else {
+        "backend": getattr(args, "latency_backend", "eager"), "batch_size": getattr(args, "latency_batch", None),
+        "before": _timing(latency_before), "after": _timing(latency_after)}
     options = {"ratio": args.ratio, "flops_target": args.flops_target, "params_target": args.params_target,
+               "latency_target": getattr(args, "latency_target", None),
+               "latency_backend": getattr(args, "latency_backend", "eager"),
+               "latency_batch": getattr(args, "latency_batch", None),
                "uniform": args.uniform, "global": args.global_pruning,
                "round_to": args.round_to, "max_ratio": args.max_ratio, "ignore": list(args.ignore),
                "criterion": criterion.name, "input_shape": list(shape) if shape else None, "seed": args.seed,
@@ -144,8 +150,22 @@ def prune_report(args, lm, *, target, criterion, shape, sources: dict[str, str],
         "pinned_groups": pinned_groups(graph),
         "verification": {"passed": True, "output_shapes": output_shapes, "exact_groups": exact,
                          "shape_checked_groups": len(pruned_groups) - exact},
-        "timings_s": timings, "saved": None, "plots": [], "kept_units": kept_units,
+        "timings_s": timings, "saved": None, "plots": [], "kept_units": kept_units, "latency": latency,
     }
+
+
+def _timing(t) -> dict[str, Any]:
+    """Median and spread of a latency measurement (a ``Timing``, or an older ``LatencyResult``)."""
+    if hasattr(t, "to_dict") and hasattr(t, "q1_ms"):
+        return t.to_dict()
+    times = t.results[0].times_ms
+    return {"median_ms": t.median_ms, "min_ms": min(times), "max_ms": max(times), "repeats": len(times)}
+
+
+def _spread(t: dict) -> str:
+    if "q1_ms" in t:
+        return f"IQR {t['q1_ms']:.2f}-{t['q3_ms']:.2f} ms, min {t['min_ms']:.2f}, max {t['max_ms']:.2f}"
+    return f"min {t['min_ms']:.2f}, max {t['max_ms']:.2f} ms"
 
 
 def prune_text(args, lm, r: dict, target) -> list[str]:
@@ -162,6 +182,11 @@ def prune_text(args, lm, r: dict, target) -> list[str]:
              before_after("Params", b["params"], a["params"])]
     if "latency_ms" in b:
         text.append(before_after("Latency", b["latency_ms"], a["latency_ms"], fmt=lambda v: f"{v:.2f} ms"))
+        lat = r.get("latency")
+        if lat:
+            bs = lat["batch_size"] if lat["batch_size"] is not None else "as the input"
+            text.append(f"  ({lat['backend']}, batch {bs}: median over {lat['before'].get('repeats')} runs; spread "
+                        + ", ".join(f"{k} {_spread(lat[k])}" for k in ("before", "after")) + ")")
     g = r["groups"]
     text += ["", f"Groups: {g['total']} total, {g['prunable']} prunable, {g['pruned']} pruned "
                  f"({r['units_removed']} units removed); prunable proportion {r['prunable_proportion']:.1%} of FLOPs"]

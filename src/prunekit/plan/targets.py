@@ -85,12 +85,31 @@ class ParamsTarget(_KeepTarget):
 
 @dataclass(frozen=True)
 class LatencyTarget(_KeepTarget):
-    """Keep ``ratio`` of the original latency, measured with :func:`prunekit.latency` on ``device``."""
+    """Keep ``ratio`` of the original latency, measured on ``device`` with ``backend`` ("eager", "compile",
+    "onnxruntime") at ``batch_size`` (None: the example inputs' batch) with ``threads`` CPU threads.
+
+    ``method="knapsack"`` (the default): :class:`prunekit.Pruner` builds a :class:`prunekit.LatencyModel` of the
+    device (per-layer latency as a function of the kept widths, measured and cached), ranks units by importance
+    per millisecond saved and fills the budget greedily over groups (HALP-style), then checks the whole pruned
+    model's measured latency and corrects the budget (a few measured rounds).  ``method="search"``: the former
+    behaviour, a monotone search of the whole pruned model's measured latency (``pk.latency``) over the
+    pruner's one knob (the local ratio or the global ranking prefix)."""
 
     device: str = "cpu"
     threads: int | None = None
     repeats: int = 10
+    backend: str = "eager"
+    batch_size: int | None = None
+    method: str = "knapsack"
     kind = "latency"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.backend not in ("eager", "compile", "onnxruntime"):
+            raise ValueError(f"LatencyTarget: backend must be 'eager', 'compile' or 'onnxruntime', got {self.backend!r}")
+        if self.method not in ("knapsack", "search"):
+            raise ValueError(f"LatencyTarget: method must be 'knapsack' (latency model + knapsack over groups) or "
+                             f"'search' (whole-model measurement in a search), got {self.method!r}")
 
 
 def as_target(t: Any) -> Target:

@@ -106,7 +106,20 @@ class LatencyBudget:
             return float(graph.params_kept(kept))
         return self.table.predict({_gkey(g): kept.get(g.id, g.size) for g in graph.groups})
 
+    @property
+    def latency_model(self):
+        """The :class:`prunekit.LatencyModel` the latency table comes from (LatencyTarget budgets)."""
+        if self._latency_model is None:
+            from ...cost.latency_model import LatencyModel
+            backend, batch = self._lm_spec
+            self._latency_model = LatencyModel(self.model, self.example_inputs, backend, device=self.device,
+                                               threads=self.threads, batch_size=batch, graph=self._pruner.graph,
+                                               forward_fn=self.forward_fn)
+        return self._latency_model
+
     def _latency_ms(self, model: nn.Module, inputs: Any, whole: bool) -> float:
+        if whole and getattr(self, "_use_lm", False):
+            return float(self.latency_model.measure_model(model, repeats=self.latency_repeats).median_ms)
         if self.measure_fn is not None:
             return float(self._measure(model, inputs))
         from ..cost import latency
@@ -116,7 +129,8 @@ class LatencyBudget:
 
     # ------------------------------------------------------------------ latency table
     def _table_key(self) -> dict[str, Any]:
-        return {"fingerprint": model_fingerprint(self.model), "device": self.device,
+        extra = {"latency_model": list(self._lm_spec)} if getattr(self, "_use_lm", False) else {}
+        return {**extra, "fingerprint": model_fingerprint(self.model), "device": self.device,
                 "threads": self.threads if self.threads is not None else torch.get_num_threads(),
                 "grid": self.latency_grid,
                 "measure": getattr(self.measure_fn, "__qualname__", type(self.measure_fn).__name__)
@@ -159,6 +173,8 @@ class LatencyBudget:
         t0 = time.perf_counter()
         model, x = self.model, self.example_inputs
         graph = self._pruner.graph
+        if getattr(self, "_use_lm", False):
+            return self._table_from_model(graph)
         baseline = self._latency_ms(model, x, whole=True)
         layers: dict[str, dict] = {}
         for slot in self._pruner._slots():
@@ -180,3 +196,21 @@ class LatencyBudget:
         log.info("latency table: %d layers x %d widths measured on %s in %.2fs (baseline %.3f ms)", len(layers),
                  len(self.latency_grid), self.device, time.perf_counter() - t0, baseline)
         return table
+
+    def _table_from_model(self, graph) -> LatencyTable:
+        """The table predicted by :attr:`latency_model`: each group's whole-model latency at each grid width
+        (the other groups unpruned); its savings are what the latency model predicts."""
+        lm = self.latency_model
+        layers: dict[str, dict] = {}
+        for slot in self._pruner._slots():
+            g = slot.group
+            ms, fracs = [], []
+            for f in self.latency_grid:
+                keep = max(1, int(round(f * g.size)))
+                if fracs and keep >= g.size:
+                    continue
+                ms.append(lm.predict(graph, {g.id: keep}))
+                fracs.append(keep / g.size)
+            layers[_gkey(g)] = {"name": _group_name(g), "size": g.size, "fractions": fracs, "ms": ms}
+        log.info("latency table: %d layers predicted by %r", len(layers), lm)
+        return LatencyTable(lm.base_ms, layers, self._table_key())

@@ -65,6 +65,10 @@ class AdaptivePruner(CandidateSearch, LatencyBudget, Persistence):
         latency_table: a :class:`LatencyTable`, or a JSON file to cache tables in (default
             ``workdir/latency_table.json``; in memory without a workdir).
         latency_grid: kept fractions each group is timed at.
+        latency_model: a :class:`prunekit.LatencyModel` of ``model``; with a ``LatencyTarget`` (and no
+            ``measure_fn``) the latency table is predicted by it (default: one is built from the target's
+            backend, device, threads and batch size, measured layers cached on disk) and the whole-model
+            cross-check measured on its backend.
         measure_fn: ``measure_fn(module, inputs_tuple) -> ms``; replaces :func:`prunekit.latency` (used for
             the table and for the whole-model cross-check), e.g. a deterministic cost model in tests.
         seed: candidate ``k`` of iteration ``i`` runs under ``torch.manual_seed(seed + i * 1000 + k)``.
@@ -90,7 +94,8 @@ class AdaptivePruner(CandidateSearch, LatencyBudget, Persistence):
                  latency_table: LatencyTable | str | Path | None = None,
                  latency_grid: Sequence[float] = (1.0, 0.75, 0.5, 0.25), measure_fn: Callable | None = None,
                  forward_fn: Callable | None = None, data: Any = None, loss_fn: Callable | None = None,
-                 seed: int = 0, max_iterations: int = 1000, budget: Any = None, distributed: Any = None):
+                 seed: int = 0, max_iterations: int = 1000, budget: Any = None, latency_model: Any = None,
+                 distributed: Any = None):
         if budget is not None:
             if target is not None:
                 raise TypeError("AdaptivePruner: pass target=... only (budget= is its deprecated spelling)")
@@ -103,6 +108,12 @@ class AdaptivePruner(CandidateSearch, LatencyBudget, Persistence):
         if target is None:
             target = FlopsTarget(0.5)
         kind, ratio = parse_budget(target)
+        # a LatencyTarget's table comes from the shared latency model (pk.LatencyModel: its backend, batch size),
+        # unless a measure_fn replaces the timings
+        self._latency_model = latency_model
+        self._lm_spec = (target.backend, target.batch_size) if isinstance(target, LatencyTarget) else ("eager", None)
+        self._use_lm = kind == "latency" and measure_fn is None and (latency_model is not None
+                                                                      or isinstance(target, LatencyTarget))
         if isinstance(target, LatencyTarget):  # the target's measuring settings, unless given here
             device = target.device if device == "cpu" else device
             threads = target.threads if threads is None else threads
@@ -137,7 +148,8 @@ class AdaptivePruner(CandidateSearch, LatencyBudget, Persistence):
         self.seed = int(seed)
         self.max_iterations = int(max_iterations)
         self._dist, self._group = D.active(distributed)
-        target = LatencyTarget(ratio, device=self.device, threads=threads, repeats=self.latency_repeats) \
+        target = LatencyTarget(ratio, device=self.device, threads=threads, repeats=self.latency_repeats,
+                               backend=self._lm_spec[0], batch_size=self._lm_spec[1], method="search") \
             if kind == "latency" else _KINDS[kind](ratio)
         self.target = target
         self._pruner = Pruner(model, example_inputs, criterion, target, forward_fn=forward_fn, round_to=round_to,
