@@ -190,3 +190,16 @@ def test_non_empty_output_and_unsupported_criterion(ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="fpgm"):
         pk.hf.prune_checkpoint(ckpt, tmp_path / "o2", criterion="fpgm", target=pk.ParamsTarget(0.5))
     assert not (tmp_path / "o2").exists()
+
+
+def test_cli_streaming(ckpt, tmp_path, capsys):
+    from prunekit.cli.main import main
+    out = tmp_path / "out"
+    rc = main(["prune", f"hf:{ckpt}", "--streaming", "--params-target", "0.5", "--round-to", "8", "--uniform",
+               "--save-pretrained", str(out), "--json", "--quiet"])
+    assert rc == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["streaming"] and rep["params_after"] < rep["params_before"]
+    got = tf.AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in got.parameters()) == rep["params_after"]
+    assert main(["prune", f"hf:{ckpt}", "--streaming", "--params-target", "0.5"]) != 0  # no --save-pretrained
