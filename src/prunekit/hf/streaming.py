@@ -184,10 +184,20 @@ def meta_model(src: str | os.PathLike, *, attn_implementation: str | None = "eag
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
     config.use_cache = False
+    dtype = _config_dtype(config)
+    cls = _model_class(config)
     with torch.device("meta"):
-        model = _model_class(config)._from_config(config) if hasattr(_model_class(config), "_from_config") \
-            else _model_class(config)(config)
+        model = cls._from_config(config, **({"dtype": dtype} if dtype else {})) if hasattr(cls, "_from_config") \
+            else cls(config)
     return model.eval()
+
+
+def _config_dtype(config) -> torch.dtype | None:
+    """The checkpoint's dtype as its config states it (``dtype`` / ``torch_dtype``), else None."""
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if isinstance(d, torch.dtype) else None
 
 
 def example_inputs(model_or_config: Any, seq_len: int = 16) -> dict[str, torch.Tensor]:
