@@ -256,10 +256,12 @@ def main() -> None:
         base = run_child(["baseline"], None, timeout=300)
         meta["baseline_rss_mb"] = base["peak_rss_polled_mb"]  # python + torch + transformers + prunekit
         base_rss = int(base["peak_rss_polled_mb"] * 2**20)
-        if limit < base_rss + 3 * shard_mb * 2**20:
+        floor = base_rss + 4 * shard_mb * 2**20 + 256 * 2**20  # + the meta graph and analysis
+        if limit < floor:
             notes.append(f"the memory limit {args.mem_fraction} x checkpoint = {limit / 2**20:.0f} MB is below the "
-                         f"interpreter ({base_rss / 2**20:.0f} MB) + 3 shards; raised to that")
-            limit = base_rss + 3 * shard_mb * 2**20
+                         f"interpreter ({base_rss / 2**20:.0f} MB) + 4 shards + 256 MB; raised to that (use a "
+                         "larger --size for a meaningful bound)")
+            limit = floor
         st = run_child(["stream", str(src), str(work / "out")], limit, timeout=3600)
         st["limit_mb"] = round(limit / 2**20, 1)
         st["rss_fraction_of_checkpoint"] = round(st["peak_rss_mb"] / meta["checkpoint_mb"], 3)

@@ -612,9 +612,10 @@ def prune_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, pla
         data: calibration batches for ``"activation"`` / ``"wanda_sp"`` / ``"flap"`` (run layer by layer).
     Returns a :class:`StreamResult`.
     """
-    import prunekit as pk
     from ..algorithms.pruner import Pruner
+    from ..graph import analyze
     from ..surgery import RECORD_ATTR, normalize_plan, param_drops, slice_tensor
+    from ..surgery import prune as _prune
     from safetensors.torch import save_file
 
     src, out = Path(src_dir), Path(out_dir)
@@ -633,7 +634,7 @@ def prune_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, pla
         model = meta_model(src)
         x = example_inputs(model, seq_len)
         if isinstance(plan_or_pruner, Mapping):
-            graph = pk.analyze(model, x)
+            graph = analyze(model, x)
         elif plan_or_pruner is None:
             if target is None:
                 raise ValueError("pk.hf.prune_checkpoint: pass target=... (e.g. pk.ParamsTarget(0.5)), a plan "
@@ -719,7 +720,7 @@ def prune_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, pla
     base_cfg = copy.deepcopy(model.config.to_dict())
     attn = getattr(model.config, "_attn_implementation", None)
     if norm:
-        pk.prune(model, graph, plan, verify=False)
+        _prune(model, graph, plan, verify=False)
     want = model.state_dict(keep_vars=True)
     params_after = sum(p.numel() for p in model.parameters())
 
