@@ -94,6 +94,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     s.add_argument("--save-pretrained", metavar="DIR",
                    help="hf: models: write DIR as transformers writes it (prunekit.hf.save_pretrained); with "
                         "uniform widths plain from_pretrained(DIR) loads it, otherwise prunekit.hf.from_pretrained")
+    s.add_argument("--streaming", action="store_true",
+                   help="hf:DIR checkpoints: prune the safetensors shards without loading the model "
+                        "(prunekit.hf.prune_checkpoint; needs --save-pretrained OUT)")
     s.add_argument("--max-ratio", type=float, default=1.0, metavar="R",
                    help="remove at most this fraction of any group, in (0, 1] (one unit always stays)")
     s.add_argument("--ignore", nargs="+", default=[], metavar="PATTERN",
@@ -332,6 +335,8 @@ def cmd_prune(args, parser, argv) -> int:
 
     sources, shape = _prepare(args, parser, argv)
     target = _check_prune_options(args)
+    if getattr(args, "streaming", False):
+        return _prune_streaming(args, target)
     if args.plot:
         from .plot import require_matplotlib
         require_matplotlib()  # fail before the work, not after
@@ -415,6 +420,46 @@ def cmd_prune(args, parser, argv) -> int:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(json.dumps(report, indent=2, default=str))
     _emit(report, args.json, _prune_text(args, lm, report, target))
+    return 0
+
+
+def _prune_streaming(args, target) -> int:
+    """``prunekit prune hf:DIR --streaming --save-pretrained OUT``: prunekit.hf.prune_checkpoint."""
+    import torch
+    import prunekit as pk
+    from pathlib import Path
+    src = (args.model or "")[3:] if (args.model or "").startswith("hf:") else None
+    if not src or not (Path(src) / "config.json").is_file():
+        raise CLIError(f"--streaming needs a checkpoint directory hf:DIR (config.json + safetensors shards), got "
+                       f"{args.model!r}")
+    if not args.save_pretrained:
+        raise CLIError("--streaming writes the pruned checkpoint to --save-pretrained OUT; give OUT")
+    crit = args.criterion_obj
+    data = None
+    if crit.needs_data:
+        print(f"prunekit prune: warning: criterion {crit.name!r} is scored on {args.data_batches} RANDOM token "
+              "batches: a smoke run only; use prunekit.hf.prune_checkpoint(..., data=...) with real text",
+              file=sys.stderr)
+        cfg = json.loads((Path(src) / "config.json").read_text())
+        vocab = int(cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size") or 2)
+        gen = torch.Generator().manual_seed(args.seed)
+        data = [{"input_ids": torch.randint(0, vocab, (1, 64), generator=gen)} for _ in range(args.data_batches)]
+    res = pk.hf.prune_checkpoint(src, args.save_pretrained, criterion=crit, target=target, round_to=args.round_to,
+                                 uniform=args.uniform, global_pruning=args.global_pruning, data=data,
+                                 max_ratio=args.max_ratio, ignore=args.ignore or None)
+    report = {"model": args.model, "streaming": True, "out": str(res.out_dir), "params_before": res.params_before,
+              "params_after": res.params_after, "params_kept": res.params_after / max(1, res.params_before),
+              "config_changes": {k: list(v) for k, v in res.changed.items()}, "per_layer_widths": res.per_layer,
+              "peak_tensor_bytes": res.peak_tensor_bytes, "largest_shard_bytes": res.largest_shard_bytes,
+              "groups_pruned": len(res.plan)}
+    text = [f"{args.model}: streamed {res.params_before:,} -> {res.params_after:,} parameters "
+            f"({report['params_kept']:.1%} kept) into {res.out_dir}",
+            f"peak tensors held {res.peak_tensor_bytes / 2**20:.1f} MB (largest shard "
+            f"{res.largest_shard_bytes / 2**20:.1f} MB)"]
+    text += [f"config {k}: {a} -> {b}" for k, (a, b) in res.changed.items()]
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=1))
+    _emit(report, args.json, text)
     return 0
 
 

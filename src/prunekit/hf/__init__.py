@@ -13,6 +13,8 @@ from . import moe  # noqa: F401
 from .config import ConfigSync, after_prune, changes, derive, sync_config
 from .evaluate import perplexity
 from .io import HFSaveError, config_gaps, from_pretrained, save_pretrained
+from .streaming import CheckpointError, StreamResult, example_inputs, meta_model, prune_checkpoint
 
-__all__ = ["ConfigSync", "HFSaveError", "after_prune", "changes", "config_gaps", "derive", "from_pretrained",
+__all__ = ["CheckpointError", "ConfigSync", "HFSaveError", "StreamResult", "example_inputs", "meta_model",
+           "prune_checkpoint", "after_prune", "changes", "config_gaps", "derive", "from_pretrained",
            "perplexity", "save_pretrained", "sync_config"]

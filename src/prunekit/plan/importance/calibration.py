@@ -402,8 +402,12 @@ class FLAP(CalibrationCriterion):
         raw = super().scores(model, graph, groups, data=data, loss_fn=loss_fn, forward_fn=forward_fn)
         if not self.standardize:
             return raw
+        return self.standardize_scores(model, resolve_groups(graph, groups), raw)
+
+    def standardize_scores(self, model, groups, raw):
+        """Standardise raw scores per layer kind (one mean and std per :func:`group_kind`)."""
         kinds: dict[tuple, list[int]] = {}
-        for g in resolve_groups(graph, groups):
+        for g in groups:
             kinds.setdefault(group_kind(model, g), []).append(g.id)
         out = {}
         for gids in kinds.values():
