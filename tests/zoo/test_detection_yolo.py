@@ -165,3 +165,17 @@ def test_onnx_and_torch_export_after_pruning(pruned11, tmp_path):
 def test_core_never_imports_ultralytics():
     code = "import sys, prunekit; assert 'ultralytics' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_prune_ultralytics_form_saves_ultralytics_checkpoint(tmp_path, capsys):
+    from ultralytics.nn.tasks import load_checkpoint
+
+    from prunekit.cli.main import main
+    rc = main(["prune", "ultralytics:yolo11n.yaml", "--flops-target", "0.5", "--input-shape", f"1,3,{SIZE},{SIZE}",
+               "--save", str(tmp_path)])
+    assert rc == 0
+    loaded, _ = load_checkpoint(str(tmp_path / "model.pt"))
+    assert type(loaded).__name__ == "DetectionModel"
+    assert loaded.model[0].conv.weight.shape[0] < 16  # pruned widths survive the reload
+    with torch.no_grad():
+        assert structure(loaded(example())) == structure(build("yolo11n.yaml")(example()))

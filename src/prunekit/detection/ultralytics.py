@@ -34,6 +34,7 @@ the documented, tested default -- BatchNorm statistics are then not updated by t
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -118,6 +119,21 @@ def attention_pins(model: nn.Module) -> dict[str, str]:
             pins[f"{name}.cv1:out"] = (f"ultralytics {cls} ({name}): cv1's output is split into two halves of "
                                        f"self.c={m.c} channels each, the second feeding attention; pinned")
     return pins
+
+
+def save_checkpoint(model: nn.Module, path) -> Path:
+    """Write ``model`` in ultralytics' checkpoint form (``{"model": model, "train_args": ...}``, the model object
+    pickled, fp16 as ultralytics saves it), which ``ultralytics.nn.tasks.load_checkpoint(path)`` and
+    ``ultralytics.YOLO(path)`` load with the pruned widths (no pruning record needed)."""
+    import copy
+
+    import torch
+    path = Path(path)
+    args = getattr(model, "args", None)
+    args = dict(vars(args)) if hasattr(args, "__dict__") else dict(args) if isinstance(args, dict) else {}
+    torch.save({"model": copy.deepcopy(model).half(), "train_args": args, "date": None, "version": None,
+                "pruned_by": "prunekit"}, path)
+    return path
 
 
 register_model_convention("ultralytics.", _resolver, lambda m: attention_pins(m) if _is_ultralytics(m) else {})
