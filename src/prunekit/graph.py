@@ -294,6 +294,52 @@ class PruneGraph:
 
 
 
+# model conventions of optional libraries (ultralytics YOLO, torchvision detectors): ``(module prefix, resolver,
+# pins)``; for a model whose class lives in a module starting with the prefix, ``resolver(model)`` may return the
+# forward_fn to use when the user gave none (e.g. one returning the outputs before post-processing), and
+# ``pins(model)`` returns ``{module name: reason}``: every channel of those modules' parameters is pinned with that
+# reason (``"name:out"``: only dim 0 of its parameters, a conv/linear/norm's output channels).  Registered by name (prunekit.detection), so the core never imports those libraries.
+_CONVENTIONS: list[tuple[str, Callable[[nn.Module], Callable | None], Callable[[nn.Module], dict] | None]] = []
+
+
+def register_model_convention(module_prefix: str, resolver: Callable[[nn.Module], Callable | None],
+                              pins: Callable[[nn.Module], Mapping[str, str]] | None = None) -> None:
+    """Give models whose class module starts with ``module_prefix`` (``"ultralytics."``) a default forward_fn
+    (``resolver(model)`` returns one, or None to call the model as usual; a user's ``forward_fn`` always wins)
+    and modules pinned by name (``pins(model) -> {module name: reason}``)."""
+    _CONVENTIONS[:] = [c for c in _CONVENTIONS if c[0] != module_prefix] + [(module_prefix, resolver, pins)]
+
+
+def _conventions_of(model: nn.Module):
+    mod = type(model).__module__ + "."
+    return [c for c in _CONVENTIONS if mod.startswith(c[0])]
+
+
+def default_forward_fn(model: nn.Module) -> Callable | None:
+    """The forward_fn a registered model convention gives ``model`` (None: call the model as usual)."""
+    for _, resolver, _ in _conventions_of(model):
+        fn = resolver(model)
+        if fn is not None:
+            return fn
+    return None
+
+
+def _pin_by_convention(model: nn.Module, tape: Tape, an: Analyzer) -> None:
+    pins: dict[str, str] = {}
+    for _, _, fn in _conventions_of(model):
+        pins.update(fn(model) if fn is not None else {})
+    if not pins:
+        return
+    for nd in tape.nodes:
+        if nd.kind != "param" or an.layouts[nd.id] is None:
+            continue
+        for key, reason in pins.items():
+            name, _, which = key.partition(":")
+            if nd.name.startswith(name + "."):
+                for d in (range(len(nd.shape)) if which != "out" else range(min(1, len(nd.shape)))):
+                    C.pin(an.lay(nd.id, d), reason)
+
+
 def analyze(model: nn.Module, example_inputs: Any = None, forward_fn: Callable | None = None, *,
             device: str = "auto", prune_outputs: bool = False, validate: bool = True) -> PruneGraph:
     """Capture ``model`` on ``example_inputs`` and find every group of channels that must be pruned together.
@@ -313,6 +359,8 @@ def analyze(model: nn.Module, example_inputs: Any = None, forward_fn: Callable |
                          "torch.randn(1, 3, 224, 224)) or a forward_fn(model, inputs)")
     # the analysis allocates many small objects that stay alive until it returns: the cyclic GC would
     # rescan them again and again (~8% of the time on a 7B model), so it is paused and restored after
+    if forward_fn is None and _CONVENTIONS:
+        forward_fn = default_forward_fn(model)
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -327,6 +375,7 @@ def _analyze(model, example_inputs, forward_fn, device, prune_outputs, validate)
     tape = capture(model, example_inputs, forward_fn, device=device)
     an = Analyzer(tape, model)
     an.run()
+    _pin_by_convention(model, tape, an)
     for nid, path in zip(tape.outputs, tape.output_paths):
         what = "model output" if path == "output" else f"model output {path}"  # "output": the one returned tensor
         for d in range(len(tape.nodes[nid].shape)):

@@ -317,8 +317,9 @@ def _output_shapes(model, x) -> list[list[int]]:
     import torch
 
     from ..capture import call_model, flatten_outputs
-    with torch.no_grad():
-        return [list(t.shape) for t in flatten_outputs(call_model(model, x))[0]]
+    from ..graph import default_forward_fn
+    with torch.no_grad():  # the model's predictions (a convention's forward_fn: YOLO's raw head outputs, no feats)
+        return [list(t.shape) for t in flatten_outputs(call_model(model, x, default_forward_fn(model)))[0]]
 
 
 def _measure_latency(args, model, x):
@@ -415,6 +416,9 @@ def cmd_prune(args, parser, argv) -> int:
         out = Path(args.save)
         out.mkdir(parents=True, exist_ok=True)
         report["saved"] = str(pk.save(model, out / "model.safetensors"))
+        if lm.kind == "ultralytics":  # also ultralytics' own checkpoint form (YOLO("DIR/model.pt") loads it)
+            from ..detection.ultralytics import save_checkpoint
+            report["saved_ultralytics"] = str(save_checkpoint(model, out / "model.pt"))
         (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)

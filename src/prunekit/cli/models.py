@@ -8,6 +8,8 @@ Forms (also listed by ``prunekit list-models``):
   (or masked-LM, else base) class, random weights (a directory with weights loads them)
 * ``hf:TYPE[,key=value...]``    ``AutoConfig.for_model(TYPE)`` shrunk to a tiny preset (2 layers, hidden
                                 size 128, 4 heads, vocab 1000), then the ``key=value`` overrides
+* ``ultralytics:CFG.yaml``      an ultralytics YOLO built from its yaml (``yolo11n.yaml``, ``yolov8n-seg.yaml``),
+                                random weights, 1x3x320x320 input; ``--save`` also writes ultralytics' checkpoint
 * ``path/to/file.py:fn``        ``fn()`` returns a model, or ``(model, example_inputs)``
 """
 from __future__ import annotations
@@ -28,9 +30,9 @@ from torch import nn
 from .common import FAILURE, USAGE, CLIError
 
 FORMS = ("timm:NAME", "torchvision:NAME", "hf:CONFIG_DIR_OR_JSON", "hf:MODEL_TYPE[,key=value...]",
-         "path/to/file.py:fn")
+         "ultralytics:CFG.yaml", "path/to/file.py:fn")
 FORMS_HELP = ("timm:NAME | torchvision:NAME | hf:CONFIG_DIR_OR_JSON | hf:MODEL_TYPE[,key=value...] | "
-              "path/to/file.py:fn (fn returns a model or (model, example_inputs))")
+              "ultralytics:CFG.yaml | path/to/file.py:fn (fn returns a model or (model, example_inputs))")
 
 # hf:MODEL_TYPE builds this tiny version of the type's default config (keys the config does not have are skipped)
 HF_TINY = {"num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
@@ -44,7 +46,7 @@ DEFAULT_TOKEN_SHAPE = (1, 128)
 class LoadedModel:
     model: nn.Module
     example_inputs: Any
-    kind: str  # "timm" | "torchvision" | "hf" | "file"
+    kind: str  # "timm" | "torchvision" | "hf" | "ultralytics" | "file"
     input_desc: str  # e.g. "float32[1, 3, 224, 224]"
 
 
@@ -74,10 +76,10 @@ def describe_inputs(x: Any) -> str:
 def load_model(spec: str, input_shape: tuple[int, ...] | None) -> LoadedModel:
     """Build ``spec`` (see the module docstring) and its example inputs (random, of ``input_shape``)."""
     kind, sep, rest = spec.partition(":")
-    if sep and kind in ("timm", "torchvision", "hf"):
+    if sep and kind in ("timm", "torchvision", "hf", "ultralytics"):
         if not rest:
             raise CLIError(f"model {spec!r}: nothing after '{kind}:'; use one of: {', '.join(FORMS)}")
-        builder = {"timm": _timm, "torchvision": _torchvision, "hf": _hf}[kind]
+        builder = {"timm": _timm, "torchvision": _torchvision, "hf": _hf, "ultralytics": _ultralytics}[kind]
         model, x = builder(rest, input_shape)
     else:
         path, sep, fn = spec.rpartition(":")
@@ -124,6 +126,24 @@ def _torchvision(name: str, shape):
                            FAILURE) from None
         raise
     return model, _image_input(shape)
+
+
+def _ultralytics(cfg: str, shape):
+    try:
+        from ultralytics.nn.tasks import yaml_model_load
+        from ultralytics.nn.tasks import ClassificationModel, DetectionModel, OBBModel, PoseModel, SegmentationModel
+    except ImportError:
+        raise CLIError("ultralytics: models need the ultralytics package (AGPL): pip install 'prunekit[ultralytics]'",
+                       FAILURE) from None
+    try:
+        d = yaml_model_load(cfg)
+    except FileNotFoundError:
+        raise CLIError(f"ultralytics has no model config {cfg!r} (e.g. yolo11n.yaml, yolov8n-seg.yaml, "
+                       "yolo11n-pose.yaml)", FAILURE) from None
+    head = str(d["head"][-1][2])
+    cls = {"Segment": SegmentationModel, "Pose": PoseModel, "OBB": OBBModel, "Classify": ClassificationModel}
+    model = next((c for k, c in cls.items() if head.startswith(k)), DetectionModel)(d, verbose=False)
+    return model, _image_input(shape, (1, 3, 320, 320))
 
 
 def _hf(rest: str, shape):

@@ -3,3 +3,4 @@
 Nothing here imports ultralytics or torchvision at import time; both are optional (ultralytics is AGPL and only
 ever a test/extra dependency).
 """
+from . import ultralytics  # noqa: F401  (registers ultralytics YOLO's conventions by name; imports no ultralytics)
