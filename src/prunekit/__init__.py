@@ -23,6 +23,7 @@ from .analysis.ops.registry import register_op, unregister_op
 from .analysis.modules import ModuleSpec, register_module, unregister_module
 from .analysis.experts import ExpertSpec, register_experts, unregister_experts
 from . import hf  # noqa: F401  (registers transformers' MoE blocks by name; imports no transformers)
+from .detection import torchvision as _tv_detection  # noqa: F401,E402  (default forwards by class name; imports no torchvision)
 from .surgery import PruningError, VerificationError, apply_masks, mask, prune, unmask
 
 from ._version import __version__  # noqa: E402
