@@ -324,6 +324,31 @@ def default_forward_fn(model: nn.Module) -> Callable | None:
     return None
 
 
+# Default forwards by model class: ``{"pkg.module.Class": forward_fn}``.  A model of such a class (or a subclass)
+# analysed without a forward_fn is called through it -- e.g. torchvision's detectors, whose full forward ends in
+# data-dependent post-processing (proposals, NMS): prunekit.detection registers forwards returning the head outputs
+# before post-processing, so analysis and verification see the parts that carry channels.  Filled by name, so no
+# optional package is imported to look a model up.
+DEFAULT_FORWARDS: dict[str, Callable] = {}
+
+
+def register_default_forward(class_qualname: str, forward_fn: Callable) -> None:
+    """Call models of class ``class_qualname`` (``type(m).__module__ + "." + type(m).__qualname__``, or a base
+    class's) through ``forward_fn(model, inputs)`` when no forward_fn is given."""
+    DEFAULT_FORWARDS[class_qualname] = forward_fn
+
+
+def default_forward(model: nn.Module, forward_fn: Callable | None = None) -> Callable | None:
+    """``forward_fn`` if given, else the registered default forward of ``model``'s class (None: call the model)."""
+    if forward_fn is not None:
+        return forward_fn
+    for cls in type(model).__mro__ if DEFAULT_FORWARDS else ():
+        fn = DEFAULT_FORWARDS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if fn is not None:
+            return fn
+    return default_forward_fn(model)  # a convention registered by module prefix (ultralytics)
+
+
 def _pin_by_convention(model: nn.Module, tape: Tape, an: Analyzer) -> None:
     pins: dict[str, str] = {}
     for _, _, fn in _conventions_of(model):
@@ -359,8 +384,7 @@ def analyze(model: nn.Module, example_inputs: Any = None, forward_fn: Callable |
                          "torch.randn(1, 3, 224, 224)) or a forward_fn(model, inputs)")
     # the analysis allocates many small objects that stay alive until it returns: the cyclic GC would
     # rescan them again and again (~8% of the time on a 7B model), so it is paused and restored after
-    if forward_fn is None and _CONVENTIONS:
-        forward_fn = default_forward_fn(model)
+    forward_fn = default_forward(model, forward_fn)  # detectors: their head outputs before post-processing
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..graph import PruneGraph, analyze
+from ..graph import PruneGraph, analyze, default_forward
 from ..analysis.analyzer import Group
 from ..surgery import prune as _prune
 from ..surgery import pruned_copy
@@ -164,7 +164,7 @@ class Pruner:
         self.uniform = bool(uniform)
         self.model = model
         self.example_inputs = example_inputs
-        self.forward_fn = forward_fn
+        self.forward_fn = default_forward(model, forward_fn)  # e.g. a torchvision detector's head outputs
         self.target: Target = as_target(target)
         self.global_pruning = bool(global_pruning)
         self.round_to = round_to

@@ -86,6 +86,11 @@ class ModuleSpec:
     infer_attrs: bool = True
     after_surgery: Callable[[nn.Module, frozenset], Mapping[str, Any]] | None = None
     factory_attrs: tuple = ()
+    # dims of the tensors this module's forward creates (zeros, empty...) whose size the forward reads from its
+    # input's shape at run time, so they follow pruning (torchvision's MultiScaleRoIAlign: (boxes, channels, h,
+    # w) with channels = x.shape[1] -> (1,)); they get a free layout instead of being pinned as fixed sizes, and
+    # the dry run checks the claim
+    input_sized_dims: tuple = ()
 
     def __post_init__(self) -> None:
         for name, src in dict(self.attrs).items():

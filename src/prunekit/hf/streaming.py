@@ -281,7 +281,7 @@ def stream_scores(model: nn.Module, graph, groups, criterion, ckpt: Checkpoint, 
     """``criterion.scores(model, graph, groups)`` of the fully loaded model, computed while the checkpoint's tensors
     are read one at a time (``model`` stays on meta).  ``stats``: a calibration criterion's statistics
     (:func:`layerwise_input_stats`)."""
-    from ..plan.importance.base import get_param, member_role, normalize_scores, reduce_members, resolve_groups
+    from ..plan.importance.base import member_role, normalize_scores, reduce_members, resolve_groups
     from ..plan.importance.calibration import consumer_members
     from ..plan.importance.weight import L2
     kind = _supports(criterion)

@@ -18,6 +18,10 @@ def _create(A, op):
     sized = {getattr(m, a, None): a for a in (spec.factory_attrs if spec is not None else ())}
     for out in op.outs():
         for d, s in enumerate(A.shape(out)):
+            if spec is not None and d in spec.input_sized_dims and s > 1:  # sized from the input's shape
+                A.set(out, d, C.fresh(s))
+                A.set_zero(out, d, op.packet in _ZERO_FACTORIES)
+                continue
             attr = sized.get(s) if s > 1 else None
             if attr is not None:  # the forward sized this dim by a module attribute that follows pruning (ModuleSpec)
                 lay = C.fresh(s)

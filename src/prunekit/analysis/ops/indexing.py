@@ -47,8 +47,36 @@ def _index(A, op):
     A.pin_node(x, f"{where}: advanced indexing")
 
 
+@rule("index_put", "index_put_", structural=True)
+def _index_put(A, op):
+    # ``x[idx] = v`` with one index tensor on dim p (torchvision's MultiScaleRoIAlign writes each FPN level's
+    # pooled boxes into its result this way): the other dims of ``v`` are those of ``x``, channel for channel
+    x, v, out = op.args[0], op.arg("values"), op.outs()[0]
+    idx = list(op.arg("indices"))
+    xs, where = A.shape(x), A.where(op)
+    pos = [i for i, t in enumerate(idx) if t is not None]
+    for t in idx:
+        if isinstance(t, TRef):
+            A.pin_node(t, f"{where}: index tensor")
+    if len(pos) == 1 and isinstance(idx[pos[0]], TRef) and isinstance(v, TRef):
+        p, ish, vs = pos[0], A.shape(idx[pos[0]]), A.shape(v)
+        if len(ish) == 1 and tuple(vs) == tuple(xs[:p]) + tuple(ish) + tuple(xs[p + 1:]):
+            for d in range(len(xs)):
+                if d == p:
+                    msg = f"{where}: indexes this dim"
+                    C.pin(A.lay(x, d), msg)
+                    C.pin(A.lay(v, d), msg)
+                    A.set(out, d, A.lay(x, d))
+                    continue
+                A.tie([(x, d), (v, d)], where)
+                A.copy_dim(x, d, out, d)
+                A.set_zero(out, d, A.zero(x, d) and A.zero(v, d))
+            return
+    rearranging(A, op)
+
+
 # (nonzero, topk, histc, one_hot and index_add have rules of their own in ops/routing.py: they carry experts)
-@rule("masked_select", "gather", "scatter", "scatter_add", "scatter_reduce", "index_put", "index_put_",
+@rule("masked_select", "gather", "scatter", "scatter_add", "scatter_reduce",
       "index_copy", "index_fill", "take", "unfold", "im2col", "col2im", "diagonal", "diag", "diag_embed", "sort",
       "kthvalue", "_unique2", "searchsorted", "bucketize", "multinomial", "nonzero_static", "scatter_",
       "masked_scatter_", "take_along_dim", "embedding_bag", "_embedding_bag", "fft_rfft2", "fft_irfft2",

@@ -38,3 +38,34 @@ def _spatial(A, op):
     if op.packet.startswith("grid_sampler"):
         A.pin_node(op.args[1], f"{A.where(op)}: sampling grid")
 
+
+
+# ---------------------------------------------------------------- torchvision's RoI pooling and NMS
+# ``torchvision::roi_align`` / ``roi_pool`` (what ``MultiScaleRoIAlign`` calls) pool every channel of the feature map
+# on its own: output (K, C, ph, pw) takes C from the input (N, C, H, W); K (one row per box) and the pooled grid are
+# new, non-channel dims.  Registered by name, so torchvision is never imported here.
+@rule("torchvision::roi_align", "torchvision::roi_pool", cost_free=True)
+def _roi_pool(A, op):
+    x, rois = op.args[0], op.args[1]
+    xs = A.shape(x)
+    for d in range(2, len(xs)):
+        C.pin(A.lay(x, d), f"{A.where(op)}: spatial dim pooled by {op.packet}")
+    C.pin(A.lay(x, 0), f"{A.where(op)}: batch dim indexed by the boxes of {op.packet}")
+    A.pin_node(rois, f"{A.where(op)}: boxes of {op.packet} (coordinates, no channels)")
+    for out in op.outs():
+        osh = A.shape(out)
+        for d in range(len(osh)):
+            if d == 1:
+                A.copy_dim(x, 1, out, 1)
+            else:
+                A.set(out, d, C.fresh_nonchannel(osh[d], f"{A.where(op)}: {'box' if d == 0 else 'pooled'} dim"))
+
+
+@rule("torchvision::nms", cost_free=True)
+def _nms(A, op):
+    # non-maximum suppression selects boxes: its inputs are coordinates and scores (no channels to follow, and
+    # their sizes must stay), its output a list of indices
+    for t in op.args[:2]:
+        A.pin_node(t, f"{A.where(op)}: boxes/scores selected by nms (no channels)")
+    for out in op.outs():
+        A.set(out, 0, C.fresh_nonchannel(A.shape(out)[0], f"{A.where(op)}: indices kept by nms"))
