@@ -135,3 +135,12 @@ def test_training_input_images_and_targets():
     model.eval()
     g_eval = pk.analyze(model, x)
     assert [(g.size, g.prunable) for g in g_train.groups] == [(g.size, g.prunable) for g in g_eval.groups]
+
+
+def test_cli_torchvision_detector_form(capsys):
+    # `prunekit analyze torchvision:NAME` builds a detector with weights=None and weights_backbone=None (never a
+    # download) and a list-of-images example input
+    from prunekit.cli.main import main
+    rc = main(["analyze", "torchvision:ssdlite320_mobilenet_v3_large", "--input-shape", "1,3,224,224"])
+    assert rc in (0, None)
+    assert "cls_logits" in capsys.readouterr().out
