@@ -118,13 +118,18 @@ def _torchvision(name: str, shape):
         import torchvision
     except ImportError:
         raise CLIError("torchvision: models need the torchvision package: pip install torchvision", FAILURE) from None
-    try:
-        model = torchvision.models.get_model(name, weights=None)
+    det = name in torchvision.models.list_models(module=torchvision.models.detection)
+    seg = name in torchvision.models.list_models(module=torchvision.models.segmentation)
+    try:  # detection/segmentation builders default to ImageNet backbone weights: never download them
+        model = torchvision.models.get_model(name, weights=None, **({"weights_backbone": None} if det or seg else {}))
     except ValueError as e:
         if "Unknown model" in str(e):
             raise CLIError(f"torchvision has no model {name!r}{_unknown_hint(name, 'torchvision')}",
                            FAILURE) from None
         raise
+    if det:  # a detector takes a list of (C, H, W) images (prunekit analyses its head outputs)
+        x = _image_input(shape)
+        return model, [x[0]] if x.dim() == 4 else [x]
     return model, _image_input(shape)
 
 

@@ -1,0 +1,96 @@
+"""Detection/segmentation benchmark (issue 15): per model, analyse/prune status with the plain call, share of FLOPs
+in prunable groups (outputs aside), MACs/params before/after a 50% FLOPs target, CPU latency before/after (noisy on
+a shared machine: re-run on a quiet one).  Writes benchmarks/results/detection.{json,md}.
+
+    PYTHONPATH=src python benchmarks/detection.py [--models a,b] [--size 320]
+
+ultralytics YOLO rows come from benchmarks/_detection_yolo.py (yolo_rows()) when ultralytics is installed.
+Torch-Pruning side by side: not run yet (columns tp_status / tp_rewrite_status are "not run").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import prunekit as pk
+from prunekit.detection.torchvision import head_outputs
+
+MODELS = ["fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn",
+          "fcos_resnet50_fpn", "ssd300_vgg16", "ssdlite320_mobilenet_v3_large", "maskrcnn_resnet50_fpn",
+          "keypointrcnn_resnet50_fpn", "deeplabv3_mobilenet_v3_large", "fcn_resnet50", "lraspp_mobilenet_v3_large"]
+
+
+def _build(name, size):
+    from torchvision.models import detection as D, segmentation as S
+    torch.manual_seed(0)
+    if hasattr(D, name):
+        kw = dict(weights=None, weights_backbone=None, num_classes=5)
+        if "resnet50" in name:
+            kw.update(min_size=size, max_size=size)
+        if name.startswith("keypoint"):
+            kw.update(num_classes=2, num_keypoints=5)
+        return getattr(D, name)(**kw).eval(), [torch.rand(3, size, size)], head_outputs
+    return getattr(S, name)(weights=None, weights_backbone=None, num_classes=4).eval(), \
+        torch.rand(1, 3, size, size), None
+
+
+def _latency_ms(model, x, reps=5):
+    with torch.no_grad():
+        model(x)
+        t = time.perf_counter()
+        for _ in range(reps):
+            model(x)
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+def row(name, size):
+    r = {"model": name, "status": "error", "tp_status": "not run", "tp_rewrite_status": "not run"}
+    try:
+        model, x, fwd = _build(name, size)
+        before = pk.count(model, x, forward_fn=fwd)
+        g = pk.analyze(model, x)
+        r.update(prunable_flops_share=round(g.prunable_proportion, 4), macs_before=before.macs,
+                 params_before=before.params, latency_ms_before=round(_latency_ms(model, x), 1))
+        r["status"] = "analysed"
+        pk.Pruner(model, x, target=pk.FlopsTarget(0.5), round_to=8).prune()
+        model.eval()
+        after = pk.count(model, x, forward_fn=fwd)
+        r.update(status="pruned", macs_after=after.macs, params_after=after.params,
+                 flops_reduction=round(1 - after.macs / before.macs, 4),
+                 latency_ms_after=round(_latency_ms(model, x), 1))
+    except Exception as e:  # noqa: BLE001 - a row per model, the error recorded
+        r["error"] = f"{type(e).__name__}: {e}"[:300]
+        r["traceback"] = traceback.format_exc()[-1500:]
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--size", type=int, default=320)
+    a = ap.parse_args()
+    rows = [row(n, a.size) for n in a.models.split(",") if n]
+    try:
+        import ultralytics  # noqa: F401
+        from _detection_yolo import yolo_rows  # the yolo helper's rows (same keys)
+        rows += yolo_rows()
+    except ImportError:
+        pass
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "detection.json").write_text(json.dumps(rows, indent=1))
+    cols = ["model", "status", "prunable_flops_share", "macs_before", "macs_after", "params_before", "params_after",
+            "latency_ms_before", "latency_ms_after", "tp_status", "tp_rewrite_status"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    (out / "detection.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
