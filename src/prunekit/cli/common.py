@@ -38,9 +38,10 @@ class Steps:
             self.console = Console(stderr=True)
 
     @contextlib.contextmanager
-    def __call__(self, key: str, label: str) -> Iterator[None]:
+    def __call__(self, key: str, label: str, spinner: bool = True) -> Iterator[None]:
+        """``spinner=False`` for a step that draws its own progress bar (rich allows one live display)."""
         t0 = time.perf_counter()
-        if self.console is None:
+        if self.console is None or not spinner:
             yield
         else:
             with self.console.status(f"{label}..."):

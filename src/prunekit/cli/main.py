@@ -107,6 +107,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                         "the pipeline only, whose ranking means nothing; use the Python API with real data")
     s.add_argument("--data-batches", type=int, default=2, metavar="N",
                    help="random batches for the data-driven criteria (default 2)")
+    s.add_argument("--calib", metavar="FILE.txt",
+                   help="hf: causal LMs: calibration text, tokenized with the model directory's tokenizer if it has "
+                        "one, else byte-level (id = byte %% vocab); cut into --calib-samples windows of --seq-len "
+                        "tokens for the data criteria (activation, wanda_sp, flap, taylor), --bias-compensation and "
+                        "--depth; its last tenth is held out for the perplexity before/after in the report")
+    s.add_argument("--calib-samples", type=int, default=128, metavar="N",
+                   help="calibration windows taken from --calib (default 128)")
+    s.add_argument("--seq-len", type=int, default=512, metavar="L", help="tokens per --calib window (default 512)")
+    s.add_argument("--depth", type=int, default=0, metavar="K",
+                   help="hf: models: first remove the K decoder blocks of least block influence on the --calib "
+                        "data (prunekit.DepthPruner), then prune the width; a params/FLOPs target counts the whole "
+                        "result (the width is pruned to what the target leaves after the depth step)")
+    s.add_argument("--bias-compensation", action="store_true",
+                   help="FLAP bias compensation: the mean contribution of removed channels (on the --calib data) "
+                        "becomes a bias of o_proj / down_proj")
     s.add_argument("--save", metavar="DIR", help="write DIR/model.safetensors (prunekit.save) and DIR/report.json")
     s.add_argument("--report", metavar="PATH", help="write the JSON report (the --json content) to PATH")
     s.add_argument("--plot", metavar="DIR", help="write DIR/widths.png and DIR/scores.png (needs matplotlib: "
@@ -258,6 +273,9 @@ def _check_prune_options(args) -> Any:
         ("max_ratio", 0.0 < args.max_ratio <= 1.0, "must be in (0, 1]"),
         ("round_to", args.round_to >= 1, "must be a positive integer"),
         ("data_batches", args.data_batches >= 1, "must be a positive integer"),
+        ("calib_samples", args.calib_samples >= 1, "must be a positive integer"),
+        ("seq_len", args.seq_len >= 2, "must be an integer >= 2"),
+        ("depth", args.depth >= 0, "must be a non-negative integer (decoder blocks removed)"),
     ]
     for dest, ok, what in checks:
         if not ok:
@@ -355,7 +373,12 @@ def cmd_prune(args, parser, argv) -> int:
               f"(module names look like {', '.join(n for n in names[1:4])})", file=sys.stderr)
     crit = args.criterion_obj
     data = loss_fn = None
-    if crit.needs_data:
+    calib = _calibration(args, lm, crit, hf_model)
+    if calib is not None:
+        from .llm import ProgressData, bars_enabled
+        data = ProgressData(calib.batches, "calibration", bars_enabled(args)) if crit.needs_data or \
+            args.bias_compensation else None
+    elif crit.needs_data:
         print(f"prunekit prune: warning: criterion {crit.name!r} is scored on {args.data_batches} RANDOM batches "
               "with random labels: a smoke run only; use the Python API with real data for a real ranking",
               file=sys.stderr)
@@ -363,10 +386,28 @@ def cmd_prune(args, parser, argv) -> int:
 
     snap, widths_before = _snapshot(model), _widths(model)
     shapes_before = _output_shapes(model, x)
+    ppl_before = depth = stats_original = None
+    if calib is not None and calib.held_out is not None:
+        with steps("perplexity_before", "held-out perplexity (before)"):
+            ppl_before = pk.hf.perplexity(model, calib.held_out)
+    if args.depth:
+        # depth first (block influence of the dense model, as ShortGPT / Minitron score it), then the width of
+        # what is left, so the width criteria see the blocks that stay; the target counts the whole result
+        from .llm import ProgressData, bars_enabled
+        with steps("count_original", "counting MACs and parameters"):
+            stats_original = pk.count(model, x)
+        with steps("depth", f"removing {args.depth} blocks (block influence)", spinner=False):
+            try:
+                dp = pk.DepthPruner(model, x, data=ProgressData(calib.batches, "block influence", False),
+                                    n_blocks=args.depth, criterion="block_influence", progress=bars_enabled(args))
+                depth = dp.prune()
+            except ValueError as e:
+                raise CLIError(f"--depth {args.depth}: {e}", FAILURE) from e
+        target = _width_target(args, target, stats_original, pk.count(model, x))
     with steps("analyze", "analyzing channel groups"):
         pruner = pk.Pruner(model, x, crit, target, global_pruning=args.global_pruning, round_to=args.round_to,
                            max_ratio=args.max_ratio, ignore=args.ignore, data=data, loss_fn=loss_fn,
-                           uniform=args.uniform)
+                           uniform=args.uniform, bias_compensation=args.bias_compensation)
         graph = pruner.graph
     with steps("count_before", "counting MACs and parameters"):
         stats_before = pk.count(graph)
@@ -379,7 +420,7 @@ def cmd_prune(args, parser, argv) -> int:
     if args.plot:
         with steps("score", f"scoring units ({crit.name})"):
             scores = pruner.scores()
-    with steps("plan", f"scoring ({crit.name}) and planning {target}"):
+    with steps("plan", f"scoring ({crit.name}) and planning {target}", spinner=data is None or calib is None):
         try:
             plan = pruner.plan()
         except ValueError as e:
@@ -397,12 +438,32 @@ def cmd_prune(args, parser, argv) -> int:
     if args.latency:
         with steps("latency_after", "measuring latency (after)"):
             lat_after = _measure_latency(args, model, x)
+    ppl_after = None
+    if ppl_before is not None:
+        with steps("perplexity_after", "held-out perplexity (after)"):
+            ppl_after = pk.hf.perplexity(model, calib.held_out)
+>>>>>>> s6-i14
 
     report = prune_report(args, lm, target=target, criterion=crit, shape=shape, sources=sources, graph=graph,
                           plan=plan, stats_before=stats_before, stats_after=stats_after, proportion=proportion,
                           changed=_changed_layers(snap, model), output_shapes=shapes_after,
                           timings=steps.times, latency_before=lat_before, latency_after=lat_after,
                           kept_units=kept_units)
+    if stats_original is not None:  # --depth: before = the model as loaded
+        report["before"] = {"macs": stats_original.macs, "flops": stats_original.flops,
+                            "params": stats_original.params, **{k: v for k, v in report["before"].items()
+                                                                if k == "latency_ms"}}
+        report["kept"] = {k: (report["after"][k] / v if v else None) for k, v in report["before"].items()}
+    report["options"].update(calib=args.calib, calib_samples=args.calib_samples if calib else None,
+                             seq_len=args.seq_len if calib else None, depth=args.depth,
+                             bias_compensation=args.bias_compensation)
+    report["calibration"] = calib.info() if calib else None
+    report["depth"] = None if depth is None else {"removed": depth.removed, "blocks_before": depth.blocks_before,
+                                                  "blocks_after": depth.blocks_after,
+                                                  "scores": depth.scores, "width_target": repr(target)}
+    report["perplexity"] = None if ppl_before is None else {
+        "before": ppl_before, "after": ppl_after, "held_out_windows": int(calib.held_out.shape[0]),
+        "seq_len": calib.seq_len}
     if hf_model:
         report["hf"] = _hf_report(model, args.save_pretrained)
     if args.plot:
@@ -465,6 +526,38 @@ def _prune_streaming(args, target) -> int:
         Path(args.report).write_text(json.dumps(report, indent=1))
     _emit(report, args.json, text)
     return 0
+
+
+def _calibration(args, lm, crit, hf_model: bool):
+    """The --calib windows (or None), after the checks that name the option at fault."""
+    causal = hf_model and hasattr(lm.model, "get_output_embeddings") and lm.model.get_output_embeddings() is not None
+    if args.calib is None:
+        if hf_model and crit.needs_data:
+            raise CLIError(f"criterion {crit.name!r} needs calibration text: add --calib FILE.txt (or use "
+                           "--criterion l2)")
+        for dest, on in (("depth", args.depth), ("bias_compensation", args.bias_compensation)):
+            if on:
+                raise CLIError(f"{_where(args, dest)} needs calibration text: add --calib FILE.txt")
+        return None
+    if not causal:
+        raise CLIError(f"{_where(args, 'calib')} needs a transformers causal LM (hf:DIR), {args.model} is a "
+                       f"{type(lm.model).__name__}", FAILURE)
+    from .llm import load_calibration
+    vocab = int(lm.model.config.vocab_size)
+    return load_calibration(args.calib, args.model, vocab, args.calib_samples, args.seq_len)
+
+
+def _width_target(args, target, original, now):
+    """The width target after the depth step, so that the whole result meets the user's target."""
+    import prunekit as pk
+    if args.params_target is None and args.flops_target is None:
+        return target  # a channel ratio applies to the width as it is
+    kind, goal = ("params", args.params_target) if args.params_target is not None else ("flops", args.flops_target)
+    r = goal * getattr(original, kind) / max(getattr(now, kind), 1)
+    if r >= 1.0:
+        logging.getLogger("prunekit.cli").info("--depth alone meets the %s target; the width is kept", kind)
+        r = 1.0
+    return pk.ParamsTarget(r) if kind == "params" else pk.FlopsTarget(r)
 
 
 def _is_hf_model(model) -> bool:

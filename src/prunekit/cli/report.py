@@ -199,6 +199,18 @@ def prune_text(args, lm, r: dict, target) -> list[str]:
     if k:
         text.append("Kept: " + ", ".join(f"{u} {v:.1%}" for u, v in (("heads", k["heads"]), ("channels", k["channels"]))
                                          if v is not None) + " of the prunable units")
+    c = r.get("calibration")
+    if c:
+        text.append(f"Calibration: {c['file']}, {c['tokens']} tokens ({c['tokenizer']}), {c['samples']} windows of "
+                    f"{c['seq_len']} tokens, {c['held_out_windows']} held out" + "".join(f"; {n}" for n in c["notes"]))
+    d = r.get("depth")
+    if d:
+        text.append(f"Depth: removed {', '.join(d['removed'])} ({d['blocks_before']} => {d['blocks_after']} blocks, "
+                    f"block influence), then width to {d['width_target']}")
+    p = r.get("perplexity")
+    if p:
+        text.append(f"Perplexity (held-out, {p['held_out_windows']} x {p['seq_len']} tokens): {p['before']:.3f} => "
+                    f"{p['after']:.3f}")
     if "hf" in r:
         h = r["hf"]
         text.append("Config: " + ", ".join(f"{c} {v}" + (f" (was {h['changed'][c][0]})" if c in h["changed"] else "")
