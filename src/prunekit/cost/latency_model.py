@@ -139,7 +139,10 @@ def backend_runner(module: nn.Module, example_inputs: Any, backend: str = "eager
     m = module
     if backend == "compile":
         try:
-            m = torch.compile(module)
+            # a fresh compile per call: dynamo's recompile limit would otherwise fall back to eager (silently)
+            # after a few widths of the same layer class; dynamic=False: each width is its own static kernel
+            torch._dynamo.reset()
+            m = torch.compile(module, dynamic=False)
             with torch.no_grad():
                 call_model(m, example_inputs, forward_fn)
         except Exception as e:  # noqa: BLE001 - inductor needs a working C compiler, triton on GPU, ...
@@ -295,7 +298,8 @@ class LatencyModel:
 
     Args:
         model, example_inputs, forward_fn: the model and what it is called with (it is not changed).
-        backend: ``"eager"``, ``"compile"`` (``torch.compile``; :class:`BackendUnavailable` if it fails here)
+        backend: ``"eager"``, ``"compile"`` (``torch.compile``, one static compile per layer width, after
+            ``torch._dynamo.reset()``: slow to build, cached; :class:`BackendUnavailable` if it fails here)
             or ``"onnxruntime"`` (CPU, or the CUDA provider with ``device="cuda"``).
         device, threads, batch_size: where the model will run (batch ``None``: as in ``example_inputs``).
         graph: a :class:`prunekit.PruneGraph` of ``model``: only widths its prunable groups change are
