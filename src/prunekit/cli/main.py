@@ -442,7 +442,6 @@ def cmd_prune(args, parser, argv) -> int:
     if ppl_before is not None:
         with steps("perplexity_after", "held-out perplexity (after)"):
             ppl_after = pk.hf.perplexity(model, calib.held_out)
->>>>>>> s6-i14
 
     report = prune_report(args, lm, target=target, criterion=crit, shape=shape, sources=sources, graph=graph,
                           plan=plan, stats_before=stats_before, stats_after=stats_after, proportion=proportion,
