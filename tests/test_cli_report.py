@@ -17,7 +17,8 @@ ANALYZE_KEYS = ["prunekit_version", "torch_version", "command", "model", "model_
                 "unsupported_ops", "group_list", "timings_s"]
 PRUNE_KEYS = ["prunekit_version", "torch_version", "command", "model", "model_class", "input", "target", "options",
               "config_file", "options_from_config", "before", "after", "kept", "prunable_proportion", "groups",
-              "units_removed", "changed_layers", "pinned_groups", "verification", "timings_s", "saved", "plots", "kept_units", "latency"]
+              "units_removed", "changed_layers", "pinned_groups", "verification", "timings_s", "saved", "plots", "kept_units", "latency",
+              "calibration", "depth", "perplexity"]
 
 
 @pytest.fixture(scope="module")

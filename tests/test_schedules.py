@@ -393,7 +393,7 @@ def test_resume_checks_fingerprint_before_touching_the_model(tmp_path):
 
 def test_resume_keeps_the_original_latency_baseline(tmp_path):
     def pruner(model):  # a deterministic stand-in for measured latency: the parameter count
-        p = pk.Pruner(model, X, "l2", pk.LatencyTarget(0.5))
+        p = pk.Pruner(model, X, "l2", pk.LatencyTarget(0.5, method="search"))  # the knapsack's latency model is measured
         p._measure = lambda m: float(sum(t.numel() for t in m.parameters()))
         return p
 
