@@ -335,7 +335,7 @@ def _output_shapes(model, x) -> list[list[int]]:
     import torch
 
     from ..capture import call_model, flatten_outputs
-    from ..graph import default_forward_fn
+    from ..analysis.conventions import default_forward_fn
     with torch.no_grad():  # the model's predictions (a convention's forward_fn: YOLO's raw head outputs, no feats)
         return [list(t.shape) for t in flatten_outputs(call_model(model, x, default_forward_fn(model)))[0]]
 

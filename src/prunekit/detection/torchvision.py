@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..analysis.modules import register_module_by_name
-from ..graph import register_default_forward
+from ..analysis.conventions import register_default_forward
 
 _DET = "torchvision.models.detection"
 RCNN = f"{_DET}.generalized_rcnn.GeneralizedRCNN"

@@ -1,6 +1,6 @@
 """ultralytics YOLO (v8, v10, 11, 12, 26; detect, segment, pose) pruned as it is: no C2f rewrite, no user code.
 
-Registered with :func:`prunekit.graph.register_model_convention` for classes defined in ``ultralytics.*``
+Registered with :func:`prunekit.analysis.conventions.register_model_convention` for classes defined in ``ultralytics.*``
 (matched by module name: nothing here imports ultralytics, which is AGPL and only ever an optional extra), so
 
     pk.analyze(model, torch.randn(1, 3, 320, 320))
@@ -39,7 +39,7 @@ from typing import Any
 
 from torch import nn
 
-from ..graph import register_model_convention
+from ..analysis.conventions import register_model_convention
 
 log = logging.getLogger("prunekit")
 
