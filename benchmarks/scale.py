@@ -132,7 +132,9 @@ def run_child(args: list[str], limit_bytes: int | None, timeout: float) -> dict:
     """Run ``scale.py --child ...`` and poll its RSS; kill it past ``limit_bytes``.  Returns its JSON + peak RSS."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    # output to files, not pipes: a child that writes more than a pipe buffer would block while we only poll
+    out_f, err_f = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    p = subprocess.Popen([sys.executable, __file__, "--child", *args], stdout=out_f, stderr=err_f,
                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     polled, killed = 0, False
     while p.poll() is None:
@@ -145,7 +147,12 @@ def run_child(args: list[str], limit_bytes: int | None, timeout: float) -> dict:
             p.kill()
             break
         time.sleep(0.05)
-    out, err = p.communicate()
+    p.wait()
+    out_f.seek(0)
+    err_f.seek(0)
+    out, err = out_f.read(), err_f.read()
+    out_f.close()
+    err_f.close()
     ru = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     polled = max(polled, 1)
     res = {"wall_s": round(time.perf_counter() - t0, 2), "rc": p.returncode, "killed_over_limit": killed,

@@ -202,3 +202,47 @@ def test_cli_streaming(ckpt, tmp_path, capsys):
     got = tf.AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in got.parameters()) == rep["params_after"]
     assert main(["prune", f"hf:{ckpt}", "--streaming", "--params-target", "0.5"]) != 0  # no --save-pretrained
+
+
+def test_shard_writer_round_trip(tmp_path):
+    """ShardWriter writes standard safetensors, tensor by tensor in any order, read back equal by safetensors."""
+    from prunekit.hf.streaming import Checkpoint, ShardWriter
+    ts = {"b.w": torch.randn(3, 5).to(torch.bfloat16), "a.w": torch.randn(7), "c.i": torch.arange(4),
+          "d.empty": torch.zeros(0, 3), "e.s": torch.tensor(2.5, dtype=torch.float16)}
+    f = tmp_path / "model.safetensors"
+    with ShardWriter(f, {k: (tuple(t.shape), t.dtype) for k, t in ts.items()}) as w:
+        for k in ["c.i", "e.s", "a.w", "d.empty", "b.w"]:
+            w.write(k, ts[k])
+    back = load_file(str(f))
+    assert set(back) == set(ts) and all(back[k].dtype == ts[k].dtype and torch.equal(back[k], ts[k]) for k in ts)
+    (tmp_path / "config.json").write_text("{}")
+    ck = Checkpoint(tmp_path)  # prunekit's own reader agrees
+    assert {k: tuple(v) for k, v in ck.shapes().items()} == {k: tuple(t.shape) for k, t in ts.items()}
+    assert all(torch.equal(t, ts[k]) for k, _f, t in ck.tensors())
+    with pytest.raises(CheckpointError, match="no data written"):
+        with ShardWriter(tmp_path / "x.safetensors", {"a": ((2,), torch.float32)}):
+            pass
+    with pytest.raises(CheckpointError, match="header says"):
+        with ShardWriter(tmp_path / "y.safetensors", {"a": ((2,), torch.float32)}) as w:
+            w.write("a", torch.zeros(3))
+
+
+def test_reader_does_not_map_shards(tmp_path):
+    """Tensors are read with file reads, not a memory map: reading a shard adds only the tensors kept to RSS."""
+    import gc
+
+    from prunekit.hf.streaming import Checkpoint
+
+    def rss():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        pytest.skip("no /proc/self/status")
+    save_file({f"t{i}": torch.randn(1024, 1024) for i in range(16)}, str(tmp_path / "model.safetensors"))  # 64 MB
+    (tmp_path / "config.json").write_text("{}")
+    gc.collect()
+    r0, peak = rss(), 0
+    for _k, _f, t in Checkpoint(tmp_path).tensors():
+        del t
+        peak = max(peak, rss() - r0)
+    assert peak < 40 * 2**20, f"RSS grew by {peak / 2**20:.0f} MB while reading a 64 MB shard one tensor at a time"

@@ -1,7 +1,8 @@
 """``pk.hf.prune_checkpoint``: prune a transformers checkpoint larger than memory, shard by shard.
 
 The model is built on the meta device from ``config.json`` and analysed there (the structure never needs the
-weights).  The weights are read one tensor at a time with ``safetensors.safe_open``:
+weights).  The weights are read one tensor at a time with plain file reads of the safetensors shards (no
+memory map, so only the tensors held count in the process's memory):
 
 1. **scores** -- a weight criterion whose group score is a reduction of per-member scores (``l1``, ``l2``,
    ``lamp``) is computed member by member as each tensor is read; a calibration criterion (``activation``,
@@ -18,7 +19,7 @@ weights).  The weights are read one tensor at a time with ``safetensors.safe_ope
    (:func:`prunekit.hf.sync_config`), every written shape is checked against it, and per-layer widths get the
    pruning record (``prunekit.json``) exactly as :func:`prunekit.hf.save_pretrained` writes it.
 
-At most one input tensor, one output shard and (with calibration) one decoder layer plus the embeddings and
+At most one input tensor, its sliced copy (output shards are written tensor by tensor) and (with calibration) one decoder layer plus the embeddings and
 output head are held at a time.  The source directory is only read; the output is written to a temporary
 directory next to ``out_dir`` and renamed when complete, so a failure leaves no partial output.
 """
@@ -40,12 +41,19 @@ import torch
 from torch import nn
 
 from .config import decoder_layers, require_transformers, text_config
+from ..io.checkpoint import _safetensors_header
 from .io import FORMAT, RECORD_FILE, HFSaveError, config_gaps
 
 log = logging.getLogger("prunekit.hf")
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# safetensors dtype names <-> torch dtypes (those this torch has)
+_ST_DTYPES: dict[str, torch.dtype] = {n: getattr(torch, t) for n, t in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
+    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"),
+    ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")) if hasattr(torch, t)}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 class CheckpointError(HFSaveError):
@@ -63,6 +71,8 @@ class Checkpoint:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._headers: dict[str, dict] = {}
+        self._data_start: dict[str, int] = {}
         if not (self.path / "config.json").is_file():
             raise CheckpointError(f"pk.hf.prune_checkpoint: {self.path} has no config.json (not a transformers "
                                   "checkpoint directory)")
@@ -95,29 +105,51 @@ class Checkpoint:
         self.peak_bytes = 0
         self.reads = 0
 
-    def _open(self, f: str):
-        from safetensors import safe_open
-        try:
-            return safe_open(str(self.path / f), framework="pt", device="cpu")
-        except Exception as e:
-            raise CheckpointError(f"pk.hf.prune_checkpoint: cannot read {self.path / f} ({type(e).__name__}: {e}); "
-                                  "the shard is corrupt or not safetensors") from None
+    def header(self, f: str) -> dict:
+        """The parsed safetensors header of shard ``f`` (``{name: {"dtype", "shape", "data_offsets"}}``), read
+        once; :class:`CheckpointError` when the file is not safetensors or its offsets do not fit."""
+        h = self._headers.get(f)
+        if h is None:
+            path = self.path / f
+            try:
+                size = path.stat().st_size
+                with open(path, "rb") as fh:
+                    h = _safetensors_header(fh, size)
+                    data_start = fh.tell()
+            except OSError as e:
+                raise CheckpointError(f"pk.hf.prune_checkpoint: cannot read {path} ({type(e).__name__}: {e})") from None
+            if h is None:
+                raise CheckpointError(f"pk.hf.prune_checkpoint: cannot read {path}: its header does not parse; the "
+                                      "shard is corrupt or not safetensors")
+            h = {k: v for k, v in h.items() if k != "__metadata__"}
+            for k, v in h.items():
+                a, b = v["data_offsets"]
+                dt = _ST_DTYPES.get(v["dtype"])
+                if dt is None or not 0 <= a <= b <= size - data_start or b - a != _numel(v["shape"]) * dt.itemsize:
+                    raise CheckpointError(f"pk.hf.prune_checkpoint: {k} in {path} has dtype {v['dtype']}, shape "
+                                          f"{v['shape']} and bytes {a}..{b} of {size - data_start}; the shard is "
+                                          "corrupt (or uses a dtype this torch lacks)")
+            self._headers[f] = h
+            self._data_start[f] = data_start
+        return h
 
     def _keys(self, f: str) -> list[str]:
-        with self._open(f) as fh:
-            return list(fh.keys())
+        return list(self.header(f))
+
+    def dtype_of(self, key: str) -> torch.dtype:
+        """The stored dtype of tensor ``key`` (from its shard's header)."""
+        return _ST_DTYPES[self.header(self.weight_map[key])[key]["dtype"]]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """``{name: shape}`` from the shard headers (no tensor data is read); checks the index against the files."""
         out: dict[str, tuple[int, ...]] = {}
         for f in self.files:
-            with self._open(f) as fh:
-                have = set(fh.keys())
-                for k in [k for k, v in self.weight_map.items() if v == f]:
-                    if k not in have:
-                        raise CheckpointError(f"pk.hf.prune_checkpoint: {INDEX_FILE} puts {k} in {f}, which does not "
-                                              "hold it; the checkpoint is corrupt")
-                    out[k] = tuple(fh.get_slice(k).get_shape())
+            have = self.header(f)
+            for k in [k for k, v in self.weight_map.items() if v == f]:
+                if k not in have:
+                    raise CheckpointError(f"pk.hf.prune_checkpoint: {INDEX_FILE} puts {k} in {f}, which does not "
+                                          "hold it; the checkpoint is corrupt")
+                out[k] = tuple(have[k]["shape"])
         return out
 
     def track(self, t: torch.Tensor) -> torch.Tensor:
@@ -132,27 +164,78 @@ class Checkpoint:
         self.live_bytes -= n
 
     def _get(self, fh, f: str, k: str) -> torch.Tensor:
+        """Tensor ``k`` of shard ``f`` read into fresh memory with plain file reads (no memory map, so the
+        shard's pages never count in the process's resident memory)."""
+        entry = self.header(f)[k]
+        a, b = entry["data_offsets"]
+        buf = torch.empty(b - a, dtype=torch.uint8)
         try:
-            t = fh.get_tensor(k)
-        except Exception as e:
+            fh.seek(self._data_start[f] + a)
+            got = fh.readinto(memoryview(buf.numpy())) if b > a else 0
+        except OSError as e:
             raise CheckpointError(f"pk.hf.prune_checkpoint: cannot read {k} from {self.path / f} ({type(e).__name__}: "
                                   f"{e}); the shard is corrupt") from None
+        if got != b - a:
+            raise CheckpointError(f"pk.hf.prune_checkpoint: {self.path / f} ends inside {k}; the shard is truncated")
         self.reads += 1
-        return self.track(t)
+        return self.track(buf.view(_ST_DTYPES[entry["dtype"]]).reshape(entry["shape"]))
 
     def tensors(self, keys: Any = None) -> Iterator[tuple[str, str, torch.Tensor]]:
-        """``(name, shard file, tensor)`` shard by shard (``keys``: only these names)."""
+        """``(name, shard file, tensor)`` shard by shard, in file order (``keys``: only these names)."""
         want = None if keys is None else set(keys)
         for f in self.files:
             names = [k for k, v in self.weight_map.items() if v == f and (want is None or k in want)]
             if not names:
                 continue
-            with self._open(f) as fh:
-                for k in sorted(names):
+            header = self.header(f)
+            with open(self.path / f, "rb", buffering=0) as fh:
+                for k in sorted(names, key=lambda n: header[n]["data_offsets"][0]):
                     yield k, f, self._get(fh, f, k)
 
     def load(self, keys) -> dict[str, torch.Tensor]:
         return {k: t for k, _f, t in self.tensors(keys)}
+
+
+class ShardWriter:
+    """Writes one safetensors file tensor by tensor: the header is written first from the known names, shapes and
+    dtypes, then each tensor's bytes as it comes (any order), so at most one tensor is held.  The file is standard
+    safetensors (header padded to 8 bytes, tensors laid out contiguously in name order), read by ``safe_open`` and
+    ``from_pretrained``."""
+
+    def __init__(self, path: str | os.PathLike, layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]]):
+        self.path, self._offsets, pos = Path(path), {}, 0
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        for k in sorted(layout):
+            shape, dtype = layout[k]
+            n = _numel(shape) * dtype.itemsize
+            header[k] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
+            self._offsets[k] = (pos, n, tuple(shape), dtype)
+            pos += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._data_start, self._size, self._written = 8 + len(raw), pos, set()
+        self._fh = open(self.path, "wb")
+        self._fh.write(len(raw).to_bytes(8, "little") + raw)
+        self._fh.truncate(self._data_start + pos)
+
+    def write(self, key: str, t: torch.Tensor) -> None:
+        pos, n, shape, dtype = self._offsets[key]
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise CheckpointError(f"pk.hf.prune_checkpoint: {key} is {tuple(t.shape)} {t.dtype}, the shard header says "
+                                  f"{shape} {dtype}")
+        self._fh.seek(self._data_start + pos)
+        if n:
+            self._fh.write(memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self._written.add(key)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self._fh.close()
+        missing = set(self._offsets) - self._written
+        if exc_type is None and missing:
+            raise CheckpointError(f"pk.hf.prune_checkpoint: {self.path.name}: no data written for {sorted(missing)[:5]}")
 
 
 # ------------------------------------------------------------------ models on meta
@@ -616,8 +699,6 @@ def prune_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, pla
     from ..graph import analyze
     from ..surgery import RECORD_ATTR, normalize_plan, param_drops, slice_tensor
     from ..surgery import prune as _prune
-    from safetensors.torch import save_file
-
     src, out = Path(src_dir), Path(out_dir)
     ckpt = Checkpoint(src)
     if (src / RECORD_FILE).exists():
@@ -650,15 +731,8 @@ def prune_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, pla
         raise ValueError("pk.hf.prune_checkpoint: the Pruner's model must be built on the meta device "
                          "(pk.hf.meta_model(src_dir)); the weights come from the checkpoint")
     shapes = _check_against(model, ckpt)
-    dtypes = {k: t.element_size() for k, t in model.state_dict(keep_vars=True).items()}
-    with contextlib.ExitStack() as stack:
-        for f in ckpt.files:
-            fh = stack.enter_context(ckpt._open(f))
-            for k in fh.keys():
-                dtypes[k] = fh.get_slice(k).get_dtype()
-    elem = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-            "F8_E4M3": 1, "F8_E5M2": 1}
-    esize = {k: elem.get(v, 4) if isinstance(v, str) else v for k, v in dtypes.items()}
+    esize = {k: t.element_size() for k, t in model.state_dict(keep_vars=True).items()}
+    esize.update({k: ckpt.dtype_of(k).itemsize for k in ckpt.weight_map})
     largest_shard = _shard_bytes(ckpt, shapes, esize)
     try:
         lname, layers = _layer_list(model)
@@ -731,29 +805,20 @@ def prune_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, pla
     try:
         weight_map: dict[str, str] = {}
         total = 0
-        shard: dict[str, torch.Tensor] = {}
-        current = None
-
-        def flush():
-            nonlocal shard
-            if current is not None and shard:
-                save_file(shard, str(tmp / current), metadata={"format": "pt"})
-            shard = {}
-        for key, f, t in ckpt.tensors():
-            if f != current:
-                flush()
-                current = f
-            dims = drops_by_canon.get(names.get(key, key))
-            new = ckpt.track(slice_tensor(t, dims, "remove").contiguous()) if dims else t
-            del t
-            if tuple(new.shape) != tuple(want[key].shape):
-                raise CheckpointError(f"pk.hf.prune_checkpoint: {key} sliced to {tuple(new.shape)} but the pruned "
-                                      f"model has {tuple(want[key].shape)}")
-            shard[key] = new
-            weight_map[key] = f
-            total += new.numel() * new.element_size()
-            del new
-        flush()
+        for f in ckpt.files:
+            keys = sorted(k for k, v in ckpt.weight_map.items() if v == f)
+            with ShardWriter(tmp / f, {k: (tuple(want[k].shape), ckpt.dtype_of(k)) for k in keys}) as w:
+                for key, _f, t in ckpt.tensors(keys):
+                    dims = drops_by_canon.get(names.get(key, key))
+                    new = ckpt.track(slice_tensor(t, dims, "remove").contiguous()) if dims else t
+                    del t
+                    if tuple(new.shape) != tuple(want[key].shape):
+                        raise CheckpointError(f"pk.hf.prune_checkpoint: {key} sliced to {tuple(new.shape)} but the "
+                                              f"pruned model has {tuple(want[key].shape)}")
+                    w.write(key, new)
+                    weight_map[key] = f
+                    total += new.numel() * new.element_size()
+                    del new
         if ckpt.sharded:
             (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total, "total_parameters": params_after},
                                                       "weight_map": dict(sorted(weight_map.items()))}, indent=2))
