@@ -225,7 +225,7 @@ def test_cli_latency_flags(tmp_path):
     env = {"PRUNEKIT_CACHE": str(tmp_path / "cache")}
     import os
     p = subprocess.run([sys.executable, "-m", "prunekit", "prune", f"{path}:build_with_inputs", "--latency-target",
-                        "0.9", "--latency", "--latency-batch", "2", "--latency-backend", "eager", "--json"],
+                        "0.9", "--latency-batch", "2", "--latency-backend", "eager", "--round-to", "auto", "--json"],
                        capture_output=True, text=True, timeout=300, env={**os.environ, **env})
     assert p.returncode in (0, 1), p.stderr
     if p.returncode == 1:  # a tiny model on a noisy machine may not reach the goal: the error says so
@@ -238,7 +238,33 @@ def test_cli_latency_flags(tmp_path):
     for k in ("before", "after"):
         assert lat[k]["min_ms"] <= lat[k]["q1_ms"] <= lat[k]["median_ms"] <= lat[k]["q3_ms"] <= lat[k]["max_ms"]
     assert "LatencyTarget" in r["target"] and "backend='eager'" in r["target"]
+    # a latency target is measured before/after even without --latency, and the report says how close it came
+    assert r["options"]["round_to"] == "auto" and lat["goal"] == 0.9
+    assert lat["kept"] == pytest.approx(lat["after"]["median_ms"] / lat["before"]["median_ms"])
+    assert lat["kept_vs_goal"] == pytest.approx(lat["kept"] / 0.9) and lat["goal_met"] == (lat["kept"] <= 0.9 * 1.05)
     assert (tmp_path / "cache" / "latency").is_dir()
     bad = subprocess.run([sys.executable, "-m", "prunekit", "prune", f"{path}:build_with_inputs", "--latency-target",
                           "1.5"], capture_output=True, text=True, timeout=120, env={**os.environ, **env})
     assert bad.returncode != 0 and "latency-target" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "prunekit", "prune", f"{path}:build_with_inputs", "--round-to",
+                          "fast"], capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert bad.returncode != 0 and "--round-to" in bad.stderr and "'auto'" in bad.stderr
+
+
+def test_cli_round_to_from_a_config_file(tmp_path):
+    """``round_to: auto`` (and an integer) in a --config file go through the same parser as the flag."""
+    from prunekit.cli.common import CLIError
+    from prunekit.cli.config import apply_config
+    from prunekit.cli.main import build_parser
+    parser, subs = build_parser()
+    for value, want in (("auto", "auto"), (8, 8), ("16", 16)):
+        cfg = tmp_path / "c.json"
+        cfg.write_text(json.dumps({"round_to": value, "flops_target": 0.5}))
+        argv = ["prune", "timm:resnet18", "--config", str(cfg)]
+        args = parser.parse_args(argv)
+        apply_config(subs["prune"], args, argv[1:], str(cfg))
+        assert args.round_to == want
+    cfg.write_text(json.dumps({"round_to": "fast"}))
+    args = parser.parse_args(["prune", "timm:resnet18", "--config", str(cfg)])
+    with pytest.raises(CLIError, match="round_to.*'auto'"):
+        apply_config(subs["prune"], args, ["timm:resnet18", "--config", str(cfg)], str(cfg))

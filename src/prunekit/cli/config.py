@@ -96,6 +96,13 @@ def _coerce(action: argparse.Action, key: str, value: Any, path: str) -> Any:
         if action.type is int and isinstance(value, float) and value != v:
             raise bad("an integer")
         return v
+    if action.type is not None and action.type is not str:  # a parser of its own (e.g. --round-to N|auto)
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise bad("a number or a name")
+        try:
+            return action.type(value)
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+            raise CLIError(f"{where}: {e}", USAGE) from None
     if key == "input_shape" and isinstance(value, list):
         return ",".join(str(v) for v in value)
     if not isinstance(value, str):

@@ -86,8 +86,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     s.add_argument("--global", dest="global_pruning", action="store_true",
                    help="rank units across all groups (scores normalised per group) instead of the same ratio per "
                         "group")
-    s.add_argument("--round-to", type=int, default=1, metavar="N",
-                   help="kept widths are a multiple of N (channels, head_dim and heads x head_dim)")
+    s.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto",
+                   help="kept widths are a multiple of N (channels, head_dim and heads x head_dim); 'auto': per "
+                        "group, only widths on the fast side of the latency staircase measured on --latency-backend "
+                        "(a latency model of this machine, cached)")
     s.add_argument("--uniform", action="store_true",
                    help="every repeated block (layers.N.*) keeps the same widths, so a transformers config can "
                         "describe the result")
@@ -271,7 +273,8 @@ def _check_prune_options(args) -> Any:
          "must be in (0, 1] (the fraction of the measured latency kept)"),
         ("latency_batch", args.latency_batch is None or args.latency_batch >= 1, "must be a positive integer"),
         ("max_ratio", 0.0 < args.max_ratio <= 1.0, "must be in (0, 1]"),
-        ("round_to", args.round_to >= 1, "must be a positive integer"),
+        ("round_to", args.round_to == "auto" or (isinstance(args.round_to, int) and args.round_to >= 1),
+         "must be a positive integer or 'auto'"),
         ("data_batches", args.data_batches >= 1, "must be a positive integer"),
         ("calib_samples", args.calib_samples >= 1, "must be a positive integer"),
         ("seq_len", args.seq_len >= 2, "must be an integer >= 2"),
@@ -293,6 +296,19 @@ def _check_prune_options(args) -> Any:
     if args.latency_target is not None:
         return pk.LatencyTarget(args.latency_target, backend=args.latency_backend, batch_size=args.latency_batch)
     return pk.FlopsTarget(args.flops_target)
+
+
+def _round_to(text: str):
+    """``--round-to``: a positive integer or ``auto`` (kept as given when already parsed, e.g. from a config)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    t = str(text).strip().lower()
+    if t == "auto":
+        return "auto"
+    try:
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
 
 
 def _random_data(model, x, n: int):
@@ -413,7 +429,7 @@ def cmd_prune(args, parser, argv) -> int:
         stats_before = pk.count(graph)
         proportion = pruner.prunable_proportion
     lat_before = None
-    if args.latency:
+    if args.latency or args.latency_target is not None:  # a latency target is always checked by measuring
         with steps("latency_before", "measuring latency (before)"):
             lat_before = _measure_latency(args, model, x)
     scores = None
@@ -435,7 +451,7 @@ def cmd_prune(args, parser, argv) -> int:
             raise CLIError(f"the pruned model's output shapes changed: {shapes_before} -> {shapes_after}", FAILURE)
         stats_after = pk.count(model, x)
     lat_after = None
-    if args.latency:
+    if args.latency or args.latency_target is not None:  # a latency target is always checked by measuring
         with steps("latency_after", "measuring latency (after)"):
             lat_after = _measure_latency(args, model, x)
     ppl_after = None
@@ -498,6 +514,9 @@ def _prune_streaming(args, target) -> int:
                        f"{args.model!r}")
     if not args.save_pretrained:
         raise CLIError("--streaming writes the pruned checkpoint to --save-pretrained OUT; give OUT")
+    if args.round_to == "auto" or target.kind == "latency":
+        raise CLIError("--streaming plans without the weights in memory, so nothing can be timed: use an integer "
+                       "--round-to and --params-target/--flops-target/--ratio (or prune in memory without --streaming)")
     crit = args.criterion_obj
     data = None
     if crit.needs_data:

@@ -128,7 +128,12 @@ def prune_report(args, lm, *, target, criterion, shape, sources: dict[str, str],
         before["latency_ms"], after["latency_ms"] = latency_before.median_ms, latency_after.median_ms
     latency = None if latency_before is None else {
         "backend": getattr(args, "latency_backend", "eager"), "batch_size": getattr(args, "latency_batch", None),
-        "before": _timing(latency_before), "after": _timing(latency_after)}
+        "before": _timing(latency_before), "after": _timing(latency_after),
+        "kept": latency_after.median_ms / latency_before.median_ms if latency_before.median_ms else None}
+    goal = getattr(args, "latency_target", None)
+    if latency is not None and goal is not None and latency["kept"] is not None:
+        # the measured latency kept vs the goal: within 5% of the measured latency counts as met
+        latency.update(goal=goal, kept_vs_goal=latency["kept"] / goal, goal_met=latency["kept"] <= goal * 1.05)
     options = {"ratio": args.ratio, "flops_target": args.flops_target, "params_target": args.params_target,
                "latency_target": getattr(args, "latency_target", None),
                "latency_backend": getattr(args, "latency_backend", "eager"),
@@ -187,6 +192,10 @@ def prune_text(args, lm, r: dict, target) -> list[str]:
             bs = lat["batch_size"] if lat["batch_size"] is not None else "as the input"
             text.append(f"  ({lat['backend']}, batch {bs}: median over {lat['before'].get('repeats')} runs; spread "
                         + ", ".join(f"{k} {_spread(lat[k])}" for k in ("before", "after")) + ")")
+            if lat.get("goal") is not None:
+                text.append(f"  latency kept {lat['kept']:.3f} of the original, goal {lat['goal']:.3f} "
+                            f"(x{lat['kept_vs_goal']:.3f}): {'met' if lat['goal_met'] else 'NOT met'} "
+                            "(within 5% of the measured latency)")
     g = r["groups"]
     text += ["", f"Groups: {g['total']} total, {g['prunable']} prunable, {g['pruned']} pruned "
                  f"({r['units_removed']} units removed); prunable proportion {r['prunable_proportion']:.1%} of FLOPs"]
