@@ -268,3 +268,36 @@ def test_cli_round_to_from_a_config_file(tmp_path):
     args = parser.parse_args(["prune", "timm:resnet18", "--config", str(cfg)])
     with pytest.raises(CLIError, match="round_to.*'auto'"):
         apply_config(subs["prune"], args, ["timm:resnet18", "--config", str(cfg)], str(cfg))
+
+
+def test_training_pruner_ramps_the_latency_on_the_shared_latency_model():
+    """TrainingPruner(target=pk.LatencyTarget): the schedule ramps the latency the latency model predicts (masked
+    units count as removed), plans with the same knapsack as pk.Pruner, and ends physically pruned."""
+    model = net(32)
+    lm = synthetic(model)
+    tp = pk.TrainingPruner(model, {"start_epoch": 0, "end_epoch": 2, "criterion": "l2"}, X,
+                           target=pk.LatencyTarget(0.6), latency_model=lm)
+    assert tp.quantity == "latency" and tp.pruner.latency_model is lm
+    assert tp.config["latency"]["backend"] == "eager" and tp.config["target"] == 0.6
+    assert tp.latency_fraction() == pytest.approx(1.0)
+    params0 = sum(p.numel() for p in model.parameters())
+    for epoch in range(3):
+        tp.step(epoch)
+    h = tp.history
+    assert [e["epoch"] for e in h] == [0, 1, 2] and all("latency_fraction" in e for e in h)
+    fr = [e["latency_fraction"] for e in h]
+    assert fr[0] < 1.0 and all(b <= a + 1e-9 for a, b in zip(fr, fr[1:]))
+    assert h[-1]["pruned"] and tp.pruned
+    assert sum(p.numel() for p in tp.module.parameters()) < params0
+    assert tp.module(X).shape == (2, 10)
+    # a config file can say the same: 'latency' holds the LatencyTarget's settings, checked
+    tp2 = pk.TrainingPruner(net(32), {"target": 0.7, "latency": {"backend": "eager", "batch_size": 4}}, X,
+                            latency_model=synthetic(net(32)))
+    assert isinstance(tp2.pruner.target, pk.LatencyTarget) and tp2.pruner.target.batch_size == 4
+    with pytest.raises(ValueError, match="'latency'.*backend"):
+        pk.TrainingPruner(net(32), {"target": 0.7, "latency": {"backend": "tensorrt"}}, X)
+    with pytest.raises(ValueError, match="'latency'"):
+        pk.TrainingPruner(net(32), {"target": 0.7, "latency": {"speed": 1}}, X)
+    # an explicit FlopsTarget wins over a latency section in the file
+    tp3 = pk.TrainingPruner(net(32), {"target": 0.7, "latency": {"backend": "eager"}}, X, target=pk.FlopsTarget(0.5))
+    assert tp3.quantity == "macs" and tp3.config["latency"] is None

@@ -505,9 +505,9 @@ class Pruner:
         from ..cost import latency
         t = self.target
         if getattr(t, "method", "search") == "knapsack" and t.kind == "latency":
-            from ..cost.latency_model import measure
-            return measure(model, self.example_inputs, t.backend, t.device, t.threads, t.batch_size,
-                           repeats=t.repeats, forward_fn=self.forward_fn).median_ms
+            # the latency model's own measurement: same backend, device, threads and batch (and its measure_fn
+            # when it has one, so a synthetic cost model is consistent with the whole-model checks)
+            return self.latency_model.measure_model(model, repeats=t.repeats).median_ms
         res = latency(model, self.example_inputs, device=getattr(t, "device", "cpu"), threads=getattr(t, "threads", None),
                       repeats=getattr(t, "repeats", 10), forward_fn=self.forward_fn)
         return res.median_ms

@@ -10,7 +10,9 @@ import torch
 
 from ...plan.importance import Criterion
 from .. import regularizers as R
-from ...plan.targets import Target, deprecated, keep_target
+from ...plan.targets import LatencyTarget, Target, deprecated, keep_target
+
+LATENCY_KEYS = ("backend", "batch_size", "threads", "device", "repeats", "method")
 
 
 CONFIG: dict[str, Any] = {
@@ -23,6 +25,9 @@ CONFIG: dict[str, Any] = {
     "max_ratio": 1.0,          # at most this fraction of a group's units goes (as Pruner's; was "max_pruning_rate")
     "target": None,            # REQUIRED: fraction of the original MACs kept at the end (0.7 = 30% fewer), or a
                                #   pk.FlopsTarget; was "mac_target"
+    "latency": None,           # {"backend", "batch_size", "threads", "device", "repeats", "method"}: 'target' is then the
+                               #   fraction of the measured LATENCY kept, planned with the shared pk.LatencyModel
+                               #   (a pk.LatencyTarget given as target fills this in)
     "ignore": None,            # modules / fnmatch patterns never pruned (as Pruner's ignore)
     "schedule": "linear",      # "linear": kept MACs ramp linearly to the target at end_epoch; "full": ramp as if
                                #   the target were 0 and stop once the target is reached (SIRC's gentler start)
@@ -120,7 +125,19 @@ def load_config(config: Any, overrides: Mapping[str, Any] | None = None) -> dict
         raise ValueError(f"{src}: 'target' is required: the fraction of the original MACs to keep, e.g. 0.7 (or "
                          "pk.FlopsTarget(0.7); 'mac_target' in older configs)")
     if isinstance(mt, Target):
-        cfg["target"] = mt = keep_target(mt, "TrainingPruner", ("flops",)).ratio
+        mt = keep_target(mt, "TrainingPruner", ("flops", "latency"))
+        cfg["latency"] = {k: getattr(mt, k) for k in LATENCY_KEYS} if mt.kind == "latency" else None
+        cfg["target"] = mt = mt.ratio
+    lat = cfg["latency"]
+    if lat is not None:
+        if not isinstance(lat, Mapping) or set(lat) - set(LATENCY_KEYS):
+            raise bad("latency", f"must be a mapping with keys among {', '.join(LATENCY_KEYS)} (the settings of "
+                                 "pk.LatencyTarget)")
+        try:
+            LatencyTarget(0.5, **dict(lat))
+        except (TypeError, ValueError) as e:
+            raise bad("latency", str(e)) from None
+        cfg["latency"] = dict(lat)
     if isinstance(mt, bool) or not isinstance(mt, (int, float)) or not 0.0 < mt <= 1.0:
         raise bad("target", "must be the fraction of MACs kept, in (0, 1]")
     mr = cfg["max_ratio"]

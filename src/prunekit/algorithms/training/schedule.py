@@ -19,7 +19,7 @@ from ...surgery import MASKS_ATTR as _MASKS, RECORD_ATTR, apply_masks, mask, mod
 from .. import regularizers as R
 from ..optim import rebuild_optimizer, remember_param_names, unwrap
 from ..pruner import Pruner
-from ...plan.targets import FlopsTarget
+from ...plan.targets import FlopsTarget, LatencyTarget
 from ...runs.workdir import ResumeError, Workdir, model_info, read_torch, write_torch
 from .config import _inputs_from_shape, load_config
 from .distributed import average_scores, broadcast_object
@@ -108,6 +108,10 @@ class TrainingPruner:
     (:func:`prunekit.rebuild_optimizer`, state reset per ``reset_optimizer``).  Masks hold through
     training by themselves once an optimizer is known (:func:`keep_masked`).
 
+    With ``target=pk.LatencyTarget(r, backend=...)`` (or ``latency: {backend: ...}`` in the config) the ramp is on
+    the latency instead: each step plans with the latency knapsack of :class:`prunekit.Pruner` on one shared
+    :class:`prunekit.LatencyModel` (``latency_model=`` to pass one), and :meth:`latency_fraction` is its prediction.
+
     ``data`` / ``loss_fn`` are for data-driven criteria (taylor, ...).  Under DDP pass the DDP model:
     scores are averaged over ranks and plans broadcast from rank 0; after the physical removal wrap
     ``pruner.module`` in a new DDP.
@@ -116,7 +120,7 @@ class TrainingPruner:
     def __init__(self, model: nn.Module, config: Any, example_inputs: Any = None, forward_fn: Callable | None = None,
                  *, optimizer: torch.optim.Optimizer | None = None, data: Any = None,
                  loss_fn: Callable | None = None, target: Any = None, round_to: int | None = None,
-                 max_ratio: float | None = None, ignore: Any = None):
+                 max_ratio: float | None = None, ignore: Any = None, latency_model: Any = None):
         self.model = model
         self.module = unwrap(model)
         self.config = load_config(config, {"target": target, "round_to": round_to, "max_ratio": max_ratio,
@@ -151,10 +155,12 @@ class TrainingPruner:
         self.slice_args = c["slice_args"]
         crit = _MaskAwareCriterion(get_criterion(c["criterion"]))
         try:
-            self.pruner = _LayerPruner(self.module, example_inputs, crit, FlopsTarget(c["target"]),
+            target = FlopsTarget(c["target"]) if c["latency"] is None else LatencyTarget(c["target"], **c["latency"])
+            self.pruner = _LayerPruner(self.module, example_inputs, crit, target,
                                        forward_fn=forward_fn, global_pruning=c["global_pruning"],
                                        round_to=c["round_to"], max_ratio=c["max_ratio"], ignore=c["ignore"], data=data,
-                                       loss_fn=loss_fn, verify=c["verify"], layers=c["layers"])
+                                       loss_fn=loss_fn, verify=c["verify"], layers=c["layers"],
+                                       latency_model=latency_model)
         except ValueError as e:
             raise ValueError(f"pruning config: {e}") from None
         self.graph = self.pruner.graph
@@ -162,8 +168,9 @@ class TrainingPruner:
         if not groups:
             raise ValueError(f"pruning config: no prunable group matches 'layers' = {c['layers']}; "
                              "list source module names (see pk.analyze(model, x).log_groups())")
-        log.info("TrainingPruner: %d group(s) eligible; MAC target %.3f between epochs %d and %d",
-                 len(groups), c["target"], c["start_epoch"], c["end_epoch"])
+        log.info("TrainingPruner: %d group(s) eligible; %s target %.3f between epochs %d and %d", len(groups),
+                 "MAC" if c["latency"] is None else f"latency ({target.backend})", c["target"], c["start_epoch"],
+                 c["end_epoch"])
         self.regularizer = R.from_config(c["regularization"], self.graph, self.module, [g.id for g in groups])
         self.base_macs = self.pruner.base_macs
         self.optimizer = optimizer
@@ -183,7 +190,8 @@ class TrainingPruner:
         return eps
 
     def kept_goal(self, epoch: int) -> float:
-        """Fraction of the original MACs the schedule wants kept after the step at ``epoch``."""
+        """Fraction of the original MACs (or, with a latency target, of the latency) the schedule wants kept after
+        the step at ``epoch``."""
         c = self.config
         eps = self.scheduled_epochs
         k = sum(1 for e in eps if e <= epoch)
@@ -191,6 +199,26 @@ class TrainingPruner:
         if c["schedule"] == "full":
             return max(c["target"], 1.0 - frac)
         return 1.0 - frac * (1.0 - c["target"])
+
+    @property
+    def quantity(self) -> str:
+        """What the schedule ramps down: ``"macs"`` or ``"latency"`` (config ``latency`` / a ``pk.LatencyTarget``)."""
+        return "macs" if self.config["latency"] is None else "latency"
+
+    def kept_fraction(self) -> float:
+        """Fraction of the scheduled quantity kept now: :meth:`macs_fraction`, or with a latency target
+        :meth:`latency_fraction`."""
+        return self.macs_fraction() if self.quantity == "macs" else self.latency_fraction()
+
+    def latency_fraction(self) -> float:
+        """Fraction of the original latency kept now, as the shared :class:`prunekit.LatencyModel` predicts it
+        (masked units count as removed; built on first use on the target's backend, device and batch size)."""
+        lm = self.pruner.latency_model
+        if self.pruned:
+            from ...cost.latency_model import _widths_of
+            return lm.predict_widths(_widths_of(self.module, lm.layers)) / max(lm.base_ms, 1e-12)
+        kept = {gid: int((~m).sum()) for gid, m in masked_units(self.module, self.graph).items()}
+        return lm.predict(self.graph, kept) / max(lm.base_ms, 1e-12)
 
     def macs_fraction(self) -> float:
         """Fraction of the original MACs kept now (masked units count as removed)."""
@@ -225,7 +253,7 @@ class TrainingPruner:
         if self.last_epoch is not None and epoch <= self.last_epoch:
             return None  # already done (e.g. resumed)
         goal = self.kept_goal(epoch)
-        before = self.macs_fraction()
+        before = self.kept_fraction()
         new_units = 0
         if before > goal + 1e-9:
             try:
@@ -246,11 +274,14 @@ class TrainingPruner:
                 new_units = sum(map(len, add.values()))
                 if self.hook is not None:
                     self.hook.refresh()
-        after = self.macs_fraction()
+        after = self.kept_fraction()
         self.last_epoch = epoch
-        entry = {"epoch": epoch, "goal": goal, "macs_fraction": after, "units_masked": new_units, "pruned": False}
-        log.info("epoch %d: masked %d more unit(s); MACs kept %.4f (schedule %.4f, target %.4f)", epoch, new_units,
-                 after, goal, c["target"])
+        entry = {"epoch": epoch, "goal": goal, "macs_fraction": self.macs_fraction(), "units_masked": new_units,
+                 "pruned": False}
+        if self.quantity == "latency":
+            entry["latency_fraction"] = after
+        log.info("epoch %d: masked %d more unit(s); %s kept %.4f (schedule %.4f, target %.4f)", epoch, new_units,
+                 "MACs" if self.quantity == "macs" else "predicted latency", after, goal, c["target"])
         if (epoch >= c["end_epoch"] or after <= c["target"] + 1e-9) and self._sharded():
             log.info("epoch %d: the target is reached; the model is FSDP-sharded, so the masked units are removed "
                      "when you call finalize(into=<unsharded model>) (the masks hold until then)", epoch)
@@ -258,6 +289,8 @@ class TrainingPruner:
             self.finalize()
             entry["pruned"] = True
             entry["macs_fraction"] = self.macs_fraction()
+            if self.quantity == "latency":
+                entry["latency_fraction"] = self.latency_fraction()
         self.history.append(entry)
         return entry
 
