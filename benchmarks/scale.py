@@ -18,8 +18,8 @@ Writes benchmarks/results/scale.{json,md}.  Steps:
 4. **analysis on meta**: build + ``pk.analyze`` time and peak RSS (each in its own child process) for Llama-2-7B,
    Llama-3-70B and a 128-expert Qwen3-MoE config (Qwen3-30B-A3B shapes).
 
-``calibration_ranks``: the column for data-parallel calibration with 1/2/4 ranks (filled by the distributed
-calibration benchmark when it exists; ``null`` here).
+``calibration_ranks``: data-parallel calibration with 1/2/4 gloo ranks (``_distributed_calibration.calibration_rows``):
+the scores must equal the 1-rank scores.
 """
 from __future__ import annotations
 
@@ -263,10 +263,10 @@ def main() -> None:
         base = run_child(["baseline"], None, timeout=300)
         meta["baseline_rss_mb"] = base["peak_rss_polled_mb"]  # python + torch + transformers + prunekit
         base_rss = int(base["peak_rss_polled_mb"] * 2**20)
-        floor = base_rss + 4 * shard_mb * 2**20 + 256 * 2**20  # + the meta graph and analysis
+        floor = base_rss + 2 * shard_mb * 2**20 + 256 * 2**20  # + the meta graph and analysis
         if limit < floor:
             notes.append(f"the memory limit {args.mem_fraction} x checkpoint = {limit / 2**20:.0f} MB is below the "
-                         f"interpreter ({base_rss / 2**20:.0f} MB) + 4 shards + 256 MB; raised to that (use a "
+                         f"interpreter ({base_rss / 2**20:.0f} MB) + 2 shards + 256 MB; raised to that (use a "
                          "larger --size for a meaningful bound)")
             limit = floor
         st = run_child(["stream", str(src), str(work / "out")], limit, timeout=3600)
@@ -284,7 +284,12 @@ def main() -> None:
         result["equality"]["config"] = small
         if not args.skip_analysis:
             result["analysis"] = {name: run_child(["analyze", name], None, timeout=900) for name in ANALYSIS_CFGS}
-        result["calibration_ranks"] = {"1": None, "2": None, "4": None}
+        try:  # data-parallel calibration: the same scores with 1, 2 and 4 gloo ranks
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            from _distributed_calibration import calibration_rows
+            result["calibration_ranks"] = {str(r["ranks"]): r for r in calibration_rows((1, 2, 4))}
+        except Exception as e:  # reported, not fatal
+            result["calibration_ranks"] = {"error": f"{type(e).__name__}: {e}"}
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -323,7 +328,15 @@ def markdown(r: dict) -> str:
                          f"{a.get('peak_rss_mb')} | {a.get('groups')} ({a.get('prunable')}) |"
                          + (f" error: {a['error'][-200:]}" if a.get("error") else ""))
         lines.append("")
-    lines += ["Calibration with 1/2/4 ranks: not measured here (distributed calibration benchmark).", ""]
+    cal = r.get("calibration_ranks") or {}
+    if cal.get("error"):
+        lines += [f"Calibration with 1/2/4 ranks: error {cal['error']}", ""]
+    elif cal:
+        lines += ["Data-parallel calibration (tiny Llama, activation / wanda_sp / flap, gloo CPU ranks; see "
+                  "benchmarks/_distributed_calibration.py):", "",
+                  "| ranks | seconds | max abs diff vs 1 rank | equal |", "| --- | --- | --- | --- |"]
+        lines += [f"| {k} | {v.get('seconds')} | {v.get('max_abs_diff_vs_1')} | {v.get('equal')} |" for k, v in cal.items()]
+        lines.append("")
     return "\n".join(lines)
 
 
