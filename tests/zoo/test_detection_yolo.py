@@ -141,6 +141,31 @@ def test_loss_and_backward_after_pruning(pruned11):
     assert model.model[0].conv.weight.grad is not None and model.model[0].conv.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("cfg", ["yolo11n-seg.yaml", "yolo11n-pose.yaml"])
+def test_seg_and_pose_loss_and_backward_after_pruning(cfg):
+    """Segment and pose heads keep working with ultralytics' own losses after a 50% FLOPs prune."""
+    from ultralytics.cfg import get_cfg
+    model, x = build(cfg), example()
+    pk.Pruner(model, x, target=pk.FlopsTarget(0.5)).prune()
+    model.args = get_cfg()
+    model.train()
+    batch = {"img": torch.rand(2, 3, SIZE, SIZE), "batch_idx": torch.tensor([0.0, 1.0]),
+             "cls": torch.tensor([[0.0], [0.0]]), "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.4, 0.1, 0.1]])}
+    if cfg.endswith("-seg.yaml"):  # overlap format: per image, a mask of instance numbers (1-based)
+        masks = torch.zeros(2, SIZE // 4, SIZE // 4)
+        masks[0, 14:26, 16:24] = 1
+        masks[1, 12:20, 10:14] = 1
+        batch["masks"] = masks
+    else:
+        nk = model.kpt_shape[0]
+        batch["keypoints"] = torch.cat([torch.rand(2, nk, 2) * 0.2 + 0.3, torch.ones(2, nk, 1) * 2], dim=-1)
+    loss, items = model.loss(batch)
+    assert torch.isfinite(loss).all() and loss.sum() > 0
+    loss.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+
+
 def test_ultralytics_checkpoint_save_and_reload(pruned11, tmp_path):
     from ultralytics.nn.tasks import load_checkpoint
     model, x = pruned11
