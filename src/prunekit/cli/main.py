@@ -302,13 +302,15 @@ def _round_to(text: str):
     """``--round-to``: a positive integer or ``auto`` (kept as given when already parsed, e.g. from a config)."""
     if isinstance(text, int) and not isinstance(text, bool):
         return text
+    if isinstance(text, float) and text.is_integer():  # 8.0 in a YAML/JSON config
+        return int(text)
     t = str(text).strip().lower()
     if t == "auto":
         return "auto"
     try:
         return int(t)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {text!r}") from None
 
 
 def _random_data(model, x, n: int):
