@@ -154,7 +154,7 @@ def tp_status(cfg: str, size: int = 320, rewrite: bool = False, ratio: float = 0
 
 
 def yolo_rows(models: list[str] | None = None, size: int = 320, repeats: int = 10, ratio: float = 0.5,
-              torch_pruning: bool = True) -> list[dict]:
+              torch_pruning: bool = True, tp_timeout: int = TP_TIMEOUT_S, on_row=None) -> list[dict]:
     """One row per YOLO model (keys in the module docstring); [] when ultralytics is not installed."""
     try:
         import ultralytics  # noqa: F401
@@ -163,9 +163,11 @@ def yolo_rows(models: list[str] | None = None, size: int = 320, repeats: int = 1
     rows = []
     for cfg in models or MODELS:
         row = prunekit_row(cfg, size, repeats, ratio)
-        row["tp_status"] = tp_status(cfg, size, False, ratio) if torch_pruning else "not run"
-        row["tp_rewrite_status"] = tp_status(cfg, size, True, ratio) if torch_pruning else "not run"
+        row["tp_status"] = tp_status(cfg, size, False, ratio, tp_timeout) if torch_pruning else "not run"
+        row["tp_rewrite_status"] = tp_status(cfg, size, True, ratio, tp_timeout) if torch_pruning else "not run"
         rows.append(row)
+        if on_row is not None:
+            on_row(row)
     return rows
 
 

@@ -5,7 +5,8 @@ a shared machine: re-run on a quiet one).  Writes benchmarks/results/detection.{
     PYTHONPATH=src python benchmarks/detection.py [--models a,b] [--size 320]
 
 ultralytics YOLO rows come from benchmarks/_detection_yolo.py (yolo_rows()) when ultralytics is installed.
-Torch-Pruning side by side: not run yet (columns tp_status / tp_rewrite_status are "not run").
+Torch-Pruning side by side for YOLO (as is, and after a C2f rewrite; ``--tp-timeout`` per run); for the
+torchvision models the TP columns are "not run".
 """
 from __future__ import annotations
 
@@ -69,27 +70,44 @@ def row(name, size):
     return r
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--size", type=int, default=320)
-    a = ap.parse_args()
-    rows = [row(n, a.size) for n in a.models.split(",") if n]
-    try:
-        import ultralytics  # noqa: F401
-        from _detection_yolo import yolo_rows  # the yolo helper's rows (same keys)
-        rows += yolo_rows()
-    except ImportError:
-        pass
-    out = Path(__file__).parent / "results"
+def write(rows: list[dict], out: Path) -> str:
     out.mkdir(exist_ok=True)
     (out / "detection.json").write_text(json.dumps(rows, indent=1))
     cols = ["model", "status", "prunable_flops_share", "macs_before", "macs_after", "params_before", "params_after",
             "latency_ms_before", "latency_ms_after", "tp_status", "tp_rewrite_status"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
-    (out / "detection.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = "\n".join(lines) + "\n"
+    (out / "detection.md").write_text(text)
+    return text
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default=",".join(MODELS), help="torchvision models ('' for none)")
+    ap.add_argument("--yolo", nargs="*", default=None, help="ultralytics yaml names (default: all; none: skip)")
+    ap.add_argument("--size", type=int, default=320)
+    ap.add_argument("--tp-timeout", type=int, default=180, help="seconds per Torch-Pruning run (it hangs on some)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    a = ap.parse_args()
+    out, rows = Path(a.out), []
+    for n in [m for m in a.models.split(",") if m]:
+        rows.append(row(n, a.size))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "traceback"}), flush=True)
+        write(rows, out)  # after every row: a long run that is stopped keeps what it measured
+    if a.yolo is None or a.yolo:
+        try:
+            import ultralytics  # noqa: F401
+            from _detection_yolo import yolo_rows  # the yolo helper's rows (same keys)
+        except ImportError:
+            yolo_rows = None
+        if yolo_rows is not None:
+            def on_row(r):
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+                write(rows, out)
+            yolo_rows(a.yolo or None, tp_timeout=a.tp_timeout, on_row=on_row)
+    print(write(rows, out))
 
 
 if __name__ == "__main__":
