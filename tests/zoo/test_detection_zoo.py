@@ -33,8 +33,16 @@ SEGMENTERS = ["lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_
 CI = {"fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large", "lraspp_mobilenet_v3_large"}
 
 
+# known defect (found 2026-12-03, open under issue 15): pruning any group of FCOS's regression tower
+# (head.regression_head.conv.*, GroupNorm(32) units; the classification tower passes) fails verification on output 1
+# (bbox_regression) by ~0.5; prunekit refuses the plan and restores the model, so nothing silently wrong is produced
+KNOWN = {"fcos_resnet50_fpn": "FCOS regression tower groups fail verification (open defect, issue 15)"}
+
+
 def _param(names):
-    return [pytest.param(n, marks=() if n in CI else pytest.mark.slow) for n in names]
+    return [pytest.param(n, marks=(() if n in CI else (pytest.mark.slow,))
+                         + ((pytest.mark.xfail(reason=KNOWN[n], strict=True),) if n in KNOWN else ()))
+            for n in names]
 
 
 def _build(name):
