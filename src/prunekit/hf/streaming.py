@@ -19,8 +19,8 @@ memory map, so only the tensors held count in the process's memory):
    (:func:`prunekit.hf.sync_config`), every written shape is checked against it, and per-layer widths get the
    pruning record (``prunekit.json``) exactly as :func:`prunekit.hf.save_pretrained` writes it.
 
-At most one input tensor, its sliced copy (output shards are written tensor by tensor) and (with calibration) one decoder layer plus the embeddings and
-output head are held at a time.  The source directory is only read; the output is written to a temporary
+At most one input tensor, its sliced copy (output shards are written tensor by tensor) and (with calibration)
+one decoder layer plus the embeddings and output head are held at a time.  The source directory is only read; the output is written to a temporary
 directory next to ``out_dir`` and renamed when complete, so a failure leaves no partial output.
 """
 from __future__ import annotations
@@ -97,6 +97,9 @@ class Checkpoint:
                 f" for its shards ({', '.join(shards[:3])}...)" if shards else f" and no {SINGLE_FILE}")
                 + "; re-save the model with model.save_pretrained(...) (safetensors)")
         self.files = sorted(set(self.weight_map.values()))
+        self.names: dict[str, list[str]] = {f: [] for f in self.files}  # shard file -> its tensor names (sorted)
+        for k in sorted(self.weight_map):
+            self.names[self.weight_map[k]].append(k)
         for f in self.files:
             if not (self.path / f).is_file():
                 raise CheckpointError(f"pk.hf.prune_checkpoint: {self.path / f} is listed in {INDEX_FILE} but "
@@ -145,7 +148,7 @@ class Checkpoint:
         out: dict[str, tuple[int, ...]] = {}
         for f in self.files:
             have = self.header(f)
-            for k in [k for k, v in self.weight_map.items() if v == f]:
+            for k in self.names[f]:
                 if k not in have:
                     raise CheckpointError(f"pk.hf.prune_checkpoint: {INDEX_FILE} puts {k} in {f}, which does not "
                                           "hold it; the checkpoint is corrupt")
@@ -184,7 +187,7 @@ class Checkpoint:
         """``(name, shard file, tensor)`` shard by shard, in file order (``keys``: only these names)."""
         want = None if keys is None else set(keys)
         for f in self.files:
-            names = [k for k, v in self.weight_map.items() if v == f and (want is None or k in want)]
+            names = [k for k in self.names[f] if want is None or k in want]
             if not names:
                 continue
             header = self.header(f)
@@ -213,7 +216,7 @@ class ShardWriter:
             pos += n
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self._data_start, self._size, self._written = 8 + len(raw), pos, set()
+        self._data_start, self._written = 8 + len(raw), set()
         self._fh = open(self.path, "wb")
         self._fh.write(len(raw).to_bytes(8, "little") + raw)
         self._fh.truncate(self._data_start + pos)
@@ -806,7 +809,7 @@ def prune_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, pla
         weight_map: dict[str, str] = {}
         total = 0
         for f in ckpt.files:
-            keys = sorted(k for k, v in ckpt.weight_map.items() if v == f)
+            keys = ckpt.names[f]
             with ShardWriter(tmp / f, {k: (tuple(want[k].shape), ckpt.dtype_of(k)) for k in keys}) as w:
                 for key, _f, t in ckpt.tensors(keys):
                     dims = drops_by_canon.get(names.get(key, key))

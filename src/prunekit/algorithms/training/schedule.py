@@ -274,10 +274,10 @@ class TrainingPruner:
                 new_units = sum(map(len, add.values()))
                 if self.hook is not None:
                     self.hook.refresh()
-        after = self.kept_fraction()
+        macs = self.macs_fraction()
+        after = macs if self.quantity == "macs" else self.latency_fraction()
         self.last_epoch = epoch
-        entry = {"epoch": epoch, "goal": goal, "macs_fraction": self.macs_fraction(), "units_masked": new_units,
-                 "pruned": False}
+        entry = {"epoch": epoch, "goal": goal, "macs_fraction": macs, "units_masked": new_units, "pruned": False}
         if self.quantity == "latency":
             entry["latency_fraction"] = after
         log.info("epoch %d: masked %d more unit(s); %s kept %.4f (schedule %.4f, target %.4f)", epoch, new_units,
