@@ -91,10 +91,13 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args()
     out, rows = Path(a.out), []
+
+    def add(r: dict) -> None:  # written after every row: a long run that is stopped keeps what it measured
+        rows.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "traceback"}), flush=True)
+        write(rows, out)
     for n in [m for m in a.models.split(",") if m]:
-        rows.append(row(n, a.size))
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "traceback"}), flush=True)
-        write(rows, out)  # after every row: a long run that is stopped keeps what it measured
+        add(row(n, a.size))
     if a.yolo is None or a.yolo:
         try:
             import ultralytics  # noqa: F401
@@ -102,11 +105,7 @@ def main():
         except ImportError:
             yolo_rows = None
         if yolo_rows is not None:
-            def on_row(r):
-                rows.append(r)
-                print(json.dumps(r), flush=True)
-                write(rows, out)
-            yolo_rows(a.yolo or None, tp_timeout=a.tp_timeout, on_row=on_row)
+            yolo_rows(a.yolo or None, tp_timeout=a.tp_timeout, on_row=add)
     print(write(rows, out))
 
 
