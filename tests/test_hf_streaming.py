@@ -228,7 +228,9 @@ def test_shard_writer_round_trip(tmp_path):
 
 
 def test_reader_does_not_map_shards(tmp_path):
-    """Tensors are read with file reads, not a memory map: reading a shard adds only the tensors kept to RSS."""
+    """Reading a shard one tensor at a time adds only the tensor in hand to RSS, never the shard (prunekit's reader
+    uses plain file reads; the memory saving of streaming measured in benchmarks/scale.py came from writing output
+    shards tensor by tensor, which this test does not cover: see test_shard_writer_round_trip)."""
     import gc
 
     from prunekit.hf.streaming import Checkpoint
