@@ -33,10 +33,9 @@ SEGMENTERS = ["lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_
 CI = {"fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large", "lraspp_mobilenet_v3_large"}
 
 
-# known defect (found 2026-12-03, open under issue 15): pruning any group of FCOS's regression tower
-# (head.regression_head.conv.*, GroupNorm(32) units; the classification tower passes) fails verification on output 1
-# (bbox_regression) by ~0.5; prunekit refuses the plan and restores the model, so nothing silently wrong is produced
-KNOWN = {"fcos_resnet50_fpn": "FCOS regression tower groups fail verification (open defect, issue 15)"}
+# models with a known open defect: xfail(strict) with the reason (none now; FCOS's regression tower failed the
+# shape-only check of inexact groups until 2026-12-03: allclose with rtol=inf is False where ReLU outputs are 0)
+KNOWN: dict[str, str] = {}
 
 
 def _param(names):
