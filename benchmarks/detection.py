@@ -5,13 +5,17 @@ a shared machine: re-run on a quiet one).  Writes benchmarks/results/detection.{
     PYTHONPATH=src python benchmarks/detection.py [--models a,b] [--size 320]
 
 ultralytics YOLO rows come from benchmarks/_detection_yolo.py (yolo_rows()) when ultralytics is installed.
-Torch-Pruning side by side for YOLO (as is, and after a C2f rewrite; ``--tp-timeout`` per run); for the
-torchvision models the TP columns are "not run".
+Torch-Pruning side by side (``--tp-timeout`` per run, in a subprocess: it hangs on some graphs): for YOLO as is
+and after a C2f rewrite; for torchvision with the hand-written ignore list it needs (:data:`TP_IGNORE`: every
+predictor / output conv), MagnitudePruner L2 at channel ratio 1 - sqrt(0.5) (about half the FLOPs), MACs counted by prunekit's counter on the head outputs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -40,6 +44,64 @@ def _build(name, size):
         torch.rand(1, 3, size, size), None
 
 
+#: the layers Torch-Pruning must be told to ignore (the predictors whose outputs are model outputs): prunekit pins
+#: them by itself; a Torch-Pruning user writes this list by hand
+TP_IGNORE = {
+    "rcnn": ["rpn.head.cls_logits", "rpn.head.bbox_pred", "roi_heads.box_predictor", "roi_heads.mask_predictor",
+             "roi_heads.keypoint_predictor"],
+    "retinanet": ["head.classification_head.cls_logits", "head.regression_head.bbox_reg"],
+    "fcos": ["head.classification_head.cls_logits", "head.regression_head.bbox_reg",
+             "head.regression_head.bbox_ctrness"],
+    "ssd": ["head.classification_head", "head.regression_head"],
+    "lraspp": ["classifier.low_classifier", "classifier.high_classifier"],
+    "deeplabv3": ["classifier.4", "aux_classifier.4"],
+    "fcn": ["classifier.4", "aux_classifier.4"],
+}
+
+
+def tp_ignored(name: str, model) -> list:
+    key = next(k for k in TP_IGNORE if k in name)
+    mods = dict(model.named_modules())
+    return [mods[n] for n in TP_IGNORE[key] if n in mods]
+
+
+def tp_child(name: str, size: int, ratio: float = 1 - 0.5 ** 0.5) -> dict:
+    """Torch-Pruning's MagnitudePruner (L2) on a torchvision model with its hand ignore list (run in a subprocess)."""
+    tp_path = os.environ.get("TP_PATH")
+    if tp_path:
+        sys.path.insert(0, tp_path)
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        return {"status": "not installed (pip install torch-pruning; or TP_PATH)"}
+    model, x, fwd = _build(name, size)
+    base = pk.count(model, x, forward_fn=fwd).macs
+    try:
+        pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
+                                           pruning_ratio=ratio, ignored_layers=tp_ignored(name, model))
+        pruner.step()
+        model.eval()
+        with torch.no_grad():
+            model(x)
+        macs = pk.count(model, x, forward_fn=fwd).macs
+        return {"status": f"ok (FLOPs {macs / base:.3f})"}
+    except Exception as e:  # noqa: BLE001 - the status records the failure
+        return {"status": f"error: {type(e).__name__}: {str(e)[:160]}"}
+
+
+def tp_status(name: str, size: int, timeout: int) -> str:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--tp-child", name, "--size", str(size)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"hang (no result in {timeout} s)"
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        tail = p.stderr.strip().splitlines()[-1][:160] if p.stderr.strip() else ""
+        return f"crashed (exit {p.returncode}): {tail}"
+    return json.loads(lines[-1])["status"]
+
+
 def _latency_ms(model, x, reps=5):
     with torch.no_grad():
         model(x)
@@ -49,8 +111,9 @@ def _latency_ms(model, x, reps=5):
     return (time.perf_counter() - t) / reps * 1e3
 
 
-def row(name, size):
-    r = {"model": name, "status": "error", "tp_status": "not run", "tp_rewrite_status": "not run"}
+def row(name, size, tp_timeout=0):
+    r = {"model": name, "status": "error", "tp_rewrite_status": "n/a (no C2f)",
+         "tp_status": tp_status(name, size, tp_timeout) if tp_timeout else "not run"}
     try:
         model, x, fwd = _build(name, size)
         before = pk.count(model, x, forward_fn=fwd)
@@ -88,16 +151,28 @@ def main():
     ap.add_argument("--yolo", nargs="*", default=None, help="ultralytics yaml names (default: all; none: skip)")
     ap.add_argument("--size", type=int, default=320)
     ap.add_argument("--tp-timeout", type=int, default=180, help="seconds per Torch-Pruning run (it hangs on some)")
+    ap.add_argument("--no-tp", action="store_true", help="skip the Torch-Pruning columns")
+    ap.add_argument("--update", action="store_true",
+                    help="replace only the rows of the models run now in the existing detection.json")
+    ap.add_argument("--tp-child", metavar="MODEL", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args()
+    if a.tp_child:
+        print(json.dumps(tp_child(a.tp_child, a.size)))
+        return
     out, rows = Path(a.out), []
+    old = json.loads((out / "detection.json").read_text()) if a.update and (out / "detection.json").exists() else []
 
     def add(r: dict) -> None:  # written after every row: a long run that is stopped keeps what it measured
         rows.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "traceback"}), flush=True)
-        write(rows, out)
+        write(merged(), out)
+
+    def merged() -> list[dict]:  # --update: the new rows replace the old ones in place, new models at the end
+        new = {x["model"]: x for x in rows}
+        return [new.pop(x["model"], x) for x in old] + list(new.values()) if a.update else rows
     for n in [m for m in a.models.split(",") if m]:
-        add(row(n, a.size))
+        add(row(n, a.size, 0 if a.no_tp else a.tp_timeout))
     if a.yolo is None or a.yolo:
         try:
             import ultralytics  # noqa: F401
@@ -105,8 +180,8 @@ def main():
         except ImportError:
             yolo_rows = None
         if yolo_rows is not None:
-            yolo_rows(a.yolo or None, tp_timeout=a.tp_timeout, on_row=add)
-    print(write(rows, out))
+            yolo_rows(a.yolo or None, torch_pruning=not a.no_tp, tp_timeout=a.tp_timeout, on_row=add)
+    print(write(merged(), out))
 
 
 if __name__ == "__main__":
