@@ -127,26 +127,31 @@ def xywhn_to_xyxy(b: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def evaluate(model: torch.nn.Module, val: list[dict], size: int = SIZE) -> dict:
-    """mAP50 and mAP50-95 on the held-out batches (ultralytics' NMS at conf 0.001 / IoU 0.7, ap_per_class)."""
-    import numpy as np
-    from ultralytics.utils.metrics import ap_per_class
+    """mAP50 and mAP50-95 of ``model`` on the held-out batches (ultralytics' NMS at conf 0.001 / IoU 0.7)."""
     from ultralytics.utils.nms import non_max_suppression
-    thr = torch.linspace(0.5, 0.95, 10)
-    tps, confs, pcls, tcls = [], [], [], []
     model.eval()
     with torch.no_grad():
-        for b in val:
-            dets = non_max_suppression(model(b["img"])[0], conf_thres=0.001, iou_thres=0.7, max_det=100)
-            for i, d in enumerate(dets):
-                sel = b["batch_idx"] == i
-                gt_b, gt_c = xywhn_to_xyxy(b["bboxes"][sel], size), b["cls"][sel, 0]
-                tps.append(match(d[:, :4], d[:, 5], gt_b, gt_c, thr))
-                confs.append(d[:, 4])
-                pcls.append(d[:, 5])
-                tcls.append(gt_c)
-    tp = torch.cat(tps).numpy()
-    res = ap_per_class(tp, torch.cat(confs).numpy(), torch.cat(pcls).numpy(), torch.cat(tcls).numpy(),
-                       names=NAMES)
+        dets = [non_max_suppression(model(b["img"])[0], conf_thres=0.001, iou_thres=0.7, max_det=100) for b in val]
+    return mean_ap(dets, val, size)
+
+
+def mean_ap(dets: list[list[torch.Tensor]], val: list[dict], size: int = SIZE) -> dict:
+    """mAP50 and mAP50-95 (ultralytics' ``ap_per_class``) of per-batch, per-image detections (n, 6: xyxy in
+    pixels, confidence, class) against the batches' boxes."""
+    import numpy as np
+    from ultralytics.utils.metrics import ap_per_class
+    thr = torch.linspace(0.5, 0.95, 10)
+    tps, confs, pcls, tcls = [], [], [], []
+    for b, per_image in zip(val, dets):
+        for i, d in enumerate(per_image):
+            sel = b["batch_idx"] == i
+            gt_b, gt_c = xywhn_to_xyxy(b["bboxes"][sel], size), b["cls"][sel, 0]
+            tps.append(match(d[:, :4], d[:, 5], gt_b, gt_c, thr))
+            confs.append(d[:, 4])
+            pcls.append(d[:, 5])
+            tcls.append(gt_c)
+    res = ap_per_class(torch.cat(tps).numpy(), torch.cat(confs).numpy(), torch.cat(pcls).numpy(),
+                       torch.cat(tcls).numpy(), names=NAMES)
     ap = np.asarray(res[5])  # (classes, 10 thresholds)
     return {"map50": round(float(ap[:, 0].mean()), 4), "map50_95": round(float(ap.mean()), 4)}
 
@@ -283,11 +288,13 @@ def main() -> None:
     print(write(res, out))
 
     ft_seed = 5_000_000  # fine-tune data: the same batches for every pruned model, not the dense training's
-    for name in ["prunekit", "torch-pruning"]:
+    for name in ["dense + fine-tune", "prunekit", "torch-pruning"]:
         if name == "torch-pruning" and a.no_tp:
             continue
         t = time.time()
-        if name == "prunekit":
+        if name == "dense + fine-tune":  # the same extra budget without pruning: the reference the pruned rows chase
+            pruned, status = copy.deepcopy(dense), "not pruned"
+        elif name == "prunekit":
             try:
                 pruned, status = prune_prunekit(dense, a.ratio), "ok (as is)"
             except Exception as e:  # noqa: BLE001 - the row records the failure
