@@ -1,7 +1,9 @@
 """Helpers shared by the benchmark scripts."""
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -17,3 +19,15 @@ def git_state() -> str:
         return head + (" (src/ has uncommitted changes)" if dirty else "")
     except Exception:
         return "?"
+
+
+def import_torch_pruning():
+    """The torch_pruning module from the environment or from ``$TP_PATH`` (a ``pip install --target`` folder),
+    or None when it is not installed."""
+    if os.environ.get("TP_PATH"):
+        sys.path.insert(0, os.environ["TP_PATH"])
+    try:
+        import torch_pruning
+    except ImportError:
+        return None
+    return torch_pruning

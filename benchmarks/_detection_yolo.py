@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from _bench_common import import_torch_pruning  # noqa: E402
 from torch import nn
 
 MODELS = ["yolov8n.yaml", "yolo11n.yaml", "yolo12n.yaml", "yolo26n.yaml", "yolov8n-seg.yaml", "yolo11n-seg.yaml",
@@ -114,12 +115,8 @@ def _c2f_forward():
 
 
 def _tp_child(cfg: str, size: int, rewrite: bool, ratio: float) -> dict:
-    tp_path = os.environ.get("TP_PATH")
-    if tp_path:
-        sys.path.insert(0, tp_path)
-    try:
-        import torch_pruning as tp
-    except ImportError:
+    tp = import_torch_pruning()
+    if tp is None:
         return {"status": "not installed (pip install torch-pruning; or TP_PATH)"}
     model = build(cfg)
     x = torch.randn(1, 3, size, size)

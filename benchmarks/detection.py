@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ import traceback
 from pathlib import Path
 
 import torch
+
+from _bench_common import import_torch_pruning  # noqa: E402
 
 import prunekit as pk
 from prunekit.detection.torchvision import head_outputs
@@ -67,12 +68,8 @@ def tp_ignored(name: str, model) -> list:
 
 def tp_child(name: str, size: int, ratio: float = 1 - 0.5 ** 0.5) -> dict:
     """Torch-Pruning's MagnitudePruner (L2) on a torchvision model with its hand ignore list (run in a subprocess)."""
-    tp_path = os.environ.get("TP_PATH")
-    if tp_path:
-        sys.path.insert(0, tp_path)
-    try:
-        import torch_pruning as tp
-    except ImportError:
+    tp = import_torch_pruning()
+    if tp is None:
         return {"status": "not installed (pip install torch-pruning; or TP_PATH)"}
     model, x, fwd = _build(name, size)
     base = pk.count(model, x, forward_fn=fwd).macs
