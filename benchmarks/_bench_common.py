@@ -31,3 +31,18 @@ def import_torch_pruning():
     except ImportError:
         return None
     return torch_pruning
+
+
+def run_json_child(cmd: list[str], timeout: float) -> tuple[dict | None, str]:
+    """Run a benchmark child process (Torch-Pruning runs there: it hangs or crashes on some graphs) and return
+    (the last JSON line it printed, "") or (None, why: "hang (no result in N s)" / "crashed (exit N): stderr tail")."""
+    import json
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"hang (no result in {timeout} s)"
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        tail = p.stderr.strip().splitlines()[-1][:200] if p.stderr.strip() else ""
+        return None, f"crashed (exit {p.returncode}): {tail}"
+    return json.loads(lines[-1]), ""

@@ -14,15 +14,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-from _bench_common import import_torch_pruning  # noqa: E402
 from torch import nn
+
+from _bench_common import import_torch_pruning, run_json_child  # noqa: E402
 
 MODELS = ["yolov8n.yaml", "yolo11n.yaml", "yolo12n.yaml", "yolo26n.yaml", "yolov8n-seg.yaml", "yolo11n-seg.yaml",
           "yolo26n-seg.yaml", "yolo11n-pose.yaml", "yolo26n-pose.yaml"]
@@ -140,14 +139,8 @@ def tp_status(cfg: str, size: int = 320, rewrite: bool = False, ratio: float = 0
     cmd = [sys.executable, str(Path(__file__).resolve()), "--tp-child", cfg, "--size", str(size), "--ratio", str(ratio)]
     if rewrite:
         cmd.append("--rewrite")
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return f"hang (no result in {timeout} s)"
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        return f"crashed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1][:160] if p.stderr.strip() else ''}"
-    return json.loads(lines[-1])["status"]
+    info, why = run_json_child(cmd, timeout)
+    return info["status"] if info else why
 
 
 def yolo_rows(models: list[str] | None = None, size: int = 320, repeats: int = 10, ratio: float = 0.5,

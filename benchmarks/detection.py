@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 import traceback
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from _bench_common import import_torch_pruning  # noqa: E402
+from _bench_common import import_torch_pruning, run_json_child  # noqa: E402
 
 import prunekit as pk
 from prunekit.detection.torchvision import head_outputs
@@ -87,16 +86,9 @@ def tp_child(name: str, size: int, ratio: float = 1 - 0.5 ** 0.5) -> dict:
 
 
 def tp_status(name: str, size: int, timeout: int) -> str:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--tp-child", name, "--size", str(size)]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return f"hang (no result in {timeout} s)"
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        tail = p.stderr.strip().splitlines()[-1][:160] if p.stderr.strip() else ""
-        return f"crashed (exit {p.returncode}): {tail}"
-    return json.loads(lines[-1])["status"]
+    info, why = run_json_child([sys.executable, str(Path(__file__).resolve()), "--tp-child", name, "--size", str(size)],
+                               timeout)
+    return info["status"] if info else why
 
 
 def _latency_ms(model, x, reps=5):

@@ -20,14 +20,14 @@ import argparse
 import copy
 import json
 import math
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from _bench_common import git_state, import_torch_pruning, run_json_child  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NC, SIZE = 3, 128
@@ -172,11 +172,9 @@ def prune_prunekit(model: torch.nn.Module, ratio: float) -> torch.nn.Module:
 def _tp_child(src: str, dst: str, kept: float) -> dict:
     """Torch-Pruning's YOLOv8 recipe on the model pickled at ``src``: C2f rewrite, Detect ignored, MagnitudePruner
     L2; its channel ratio is bisected (5 steps) so that the FLOPs kept come closest to ``kept``."""
-    tp_path = os.environ.get("TP_PATH")
-    if tp_path:
-        sys.path.insert(0, tp_path)
-    import torch_pruning as tp
-    sys.path.insert(0, str(HERE))
+    tp = import_torch_pruning()
+    if tp is None:
+        raise SystemExit("torch-pruning is not installed (pip install torch-pruning; or TP_PATH)")
     from _detection_yolo import rewrite_c2f
     dense = torch.load(src, weights_only=False)
     base = macs(dense)
@@ -200,16 +198,10 @@ def prune_tp(model: torch.nn.Module, kept: float, timeout: int) -> tuple[torch.n
     with tempfile.TemporaryDirectory() as d:
         src, dst = Path(d) / "dense.pt", Path(d) / "tp.pt"
         torch.save(model, src)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--tp-child", str(src), str(dst), str(kept)]
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None, f"hang (no result in {timeout} s)"
-        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-        if p.returncode or not lines:
-            tail = p.stderr.strip().splitlines()[-1][:200] if p.stderr.strip() else ""
-            return None, f"error (exit {p.returncode}): {tail}"
-        info = json.loads(lines[-1])
+        info, why = run_json_child([sys.executable, str(Path(__file__).resolve()), "--tp-child", str(src), str(dst),
+                                    str(kept)], timeout)
+        if info is None:
+            return None, why
         pruned = torch.load(dst, weights_only=False)
         pruned.args = model.args
         return pruned, f"ok (channel ratio {info['ratio']})"
@@ -258,8 +250,6 @@ def main() -> None:
         return
     if a.quick:
         a.steps, a.ft_steps, a.val_images = 60, 20, 32
-    sys.path.insert(0, str(HERE))
-    from _bench_common import git_state
     settings = dict(size=SIZE, steps=a.steps, ft_steps=a.ft_steps, batch=a.batch, lr=a.lr, ft_lr=a.ft_lr,
                     ratio=a.ratio, val_images=a.val_images, threads=torch.get_num_threads())
     res = {"settings": settings, "code": git_state(), "rows": []}
@@ -305,7 +295,8 @@ def main() -> None:
         if pruned is not None:
             m = macs(pruned)
             row.update(macs=m, flops_kept=round(m / base, 4), params=sum(p.numel() for p in pruned.parameters()))
-            noft = evaluate(pruned, val)
+            noft = {k: res["rows"][0][k] for k in ("map50", "map50_95")} if name == "dense + fine-tune" \
+                else evaluate(pruned, val)  # the unpruned copy's figures are the dense row's
             row.update(map50_noft=noft["map50"], map50_95_noft=noft["map50_95"])
             print(f"{name}: FLOPs kept {m / base:.3f}, before fine-tune {noft}")
             t = time.time()
