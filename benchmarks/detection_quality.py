@@ -257,10 +257,14 @@ def main() -> None:
     val = [shapes_batch(32, 10_000_000 + i) for i in range(max(1, a.val_images // 32))]
 
     cache = HERE / "cache" / f"yolov8n_shapes_s{a.steps}_b{a.batch}_lr{a.lr}.pt"
+    hist_file = cache.with_suffix(".json")  # the dense run's loss history and time, reported on cached runs too
     if cache.exists():
         dense = torch.load(cache, weights_only=False)
         print(f"dense model from {cache}")
-        hist = None
+        meta = json.loads(hist_file.read_text()) if hist_file.exists() else {}
+        hist = meta.get("loss_history")
+        if "dense_train_s" in meta:
+            settings["dense_train_s"] = meta["dense_train_s"]
     else:
         print("training the dense model")
         dense = build()
@@ -269,6 +273,7 @@ def main() -> None:
         settings["dense_train_s"] = round(time.time() - t)
         cache.parent.mkdir(exist_ok=True)
         torch.save(dense, cache)
+        hist_file.write_text(json.dumps({"loss_history": hist, "dense_train_s": settings["dense_train_s"]}))
     base = macs(dense)
     row = {"model": "dense", "status": "trained", "macs": base, "flops_kept": 1.0,
            "params": sum(p.numel() for p in dense.parameters()), **evaluate(dense, val)}
