@@ -31,6 +31,7 @@ import copy
 import json
 import logging
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -124,7 +125,9 @@ def bench_cell(name: str, batch: int, backend: str, device: str, args, tp_reason
         cell["skipped"] = str(e)
         return cell
     cell["latency_model"] = {"seconds": round(time.perf_counter() - t0, 1), "layers": len(lm.layers),
-                             "measured": lm.measured, "from_cache": lm.cached_hits, "rest_ms": lm.rest_ms}
+                             "measured": lm.measured, "from_cache": lm.cached_hits, "rest_ms": lm.rest_ms,
+                             "scale": lm.scale, "offset_ms": lm.offset,
+                             "calibration_uncalibrated_error": (lm.calibration or {}).get("uncalibrated_error")}
     base_macs = macs(model, x)
     base = timing(model, x, backend, device, batch, args.repeats)
     cell["before"] = {"macs": base_macs, **base}
@@ -231,6 +234,7 @@ def markdown(res: dict[str, Any]) -> str:
             err = f"{r['prediction_error']:+.1%}" if r["prediction_error"] is not None else "-"
             lines.append(head + f"| {meth} | {r['macs_kept']:.3f} | {r['median_ms']:.2f} ({r['q1_ms']:.2f}-"
                                 f"{r['q3_ms']:.2f}) | {r['latency_kept']:.3f} | {eff} | {err} |")
+    lines += summary_lines(res)
     q = res.get("quality")
     if q:
         lines += ["", "## Fashion-MNIST at equal measured latency", ""]
@@ -246,6 +250,46 @@ def markdown(res: dict[str, Any]) -> str:
                              f"{f['macs_kept']:.3f} | {la['acc']:.4f} / {la['latency_kept']:.3f} / "
                              f"{la['macs_kept']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def summary(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per method over the cells: median efficiency, cells at efficiency >= 0.95, median |prediction error|;
+    for the latency target also the cells within 5 % of the goal and at or under goal + 5 %."""
+    tgt = res.get("targets", {})
+    e_min, within = tgt.get("efficiency_at_50pct_macs", 0.95), tgt.get("latency_target_within", 0.05)
+    out: dict[str, dict[str, Any]] = {}
+    for c in res["cells"]:
+        for meth, r in c.get("methods", {}).items():
+            d = out.setdefault(meth, {"cells": 0, "ok": 0, "eff": [], "err": [], "within": 0, "under": 0})
+            d["cells"] += 1
+            if "macs" not in r:
+                continue
+            d["ok"] += 1
+            if r.get("efficiency") is not None:
+                d["eff"].append(r["efficiency"])
+            if r.get("prediction_error") is not None:
+                d["err"].append(abs(r["prediction_error"]))
+            k = r["latency_kept"] / TARGET
+            d["within"] += abs(k - 1) <= within
+            d["under"] += k <= 1 + within
+    for d in out.values():
+        eff, err = d.pop("eff"), d.pop("err")
+        d["median_efficiency"] = statistics.median(eff) if eff else None
+        d["efficiency_ge_target"] = sum(e >= e_min for e in eff)
+        d["median_abs_prediction_error"] = statistics.median(err) if err else None
+    return out
+
+
+def summary_lines(res: dict[str, Any]) -> list[str]:
+    lines = ["", "## Summary", "",
+             "| method | cells (ran) | median efficiency | efficiency >= 0.95 | latency within 5 % of 0.5 | "
+             "latency <= 0.5 + 5 % | median abs pred err |", "|---|---|---|---|---|---|---|"]
+    for meth, d in summary(res).items():
+        f = lambda v, fmt: format(v, fmt) if v is not None else "-"  # noqa: E731
+        lines.append(f"| {meth} | {d['cells']} ({d['ok']}) | {f(d['median_efficiency'], '.2f')} | "
+                     f"{d['efficiency_ge_target']} | {d['within']} | {d['under']} | "
+                     f"{f(d['median_abs_prediction_error'], '.1%')} |")
+    return lines
 
 
 def main(argv=None) -> int:

@@ -301,3 +301,69 @@ def test_training_pruner_ramps_the_latency_on_the_shared_latency_model():
     # an explicit FlopsTarget wins over a latency section in the file
     tp3 = pk.TrainingPruner(net(32), {"target": 0.7, "latency": {"backend": "eager"}}, X, target=pk.FlopsTarget(0.5))
     assert tp3.quantity == "macs" and tp3.config["latency"] is None
+
+
+def _true_ms(lm, model, scale, offset):
+    """A 'measured' whole-model time the per-layer table does not know: scaled layers plus a fixed overhead."""
+    from prunekit.cost.latency_model import _widths_of
+    return scale * lm.layers_ms(_widths_of(model, lm.layers)) + offset
+
+
+def test_whole_model_correction_fits_scale_and_offset():
+    """calibrate(): one extra measurement of a half-width copy; the affine fit reproduces a device whose whole-model
+    time is 2x the layers plus a fixed 5 ms, for plans it was not fitted on."""
+    from prunekit.cost.latency_model import Timing
+    from prunekit.surgery import pruned_copy
+    model = net()
+    g = pk.analyze(model, X)
+    lm = LatencyModel(model, X, measure_fn=stair, graph=g, calibrate=False)
+    assert lm.calibration is None and lm.offset == 0.0
+    lm.measure_model = lambda m, **kw: Timing.of([_true_ms(lm, m, 2.0, 5.0)])
+    lm.base_ms = _true_ms(lm, model, 2.0, 5.0)
+    cal = lm.calibrate(g)
+    assert cal is not None and cal["half_ms"] < cal["full_ms"]
+    assert lm.scale == pytest.approx(2.0) and lm.offset == pytest.approx(5.0)
+    for grp in g.prunable_groups:
+        kept = {grp.id: max(1, grp.size // 3)}
+        pruned = pruned_copy(model, g, {grp.id: list(range(grp.size - kept[grp.id]))})
+        assert lm.predict(g, kept) == pytest.approx(_true_ms(lm, pruned, 2.0, 5.0), rel=1e-6)
+    # a synthetic measure_fn is its own whole-model time: the fit is the identity
+    plain = synthetic(model, g)
+    assert plain.calibration is not None and plain.scale == pytest.approx(1.0) and plain.offset == pytest.approx(0.0)
+
+
+def test_knapsack_corrects_a_mis_specified_latency_model_by_measuring():
+    """The latency model predicts proportionally, the 'device' has a 30 % fixed overhead: the measured corrections
+    bring the plan within 5 % of the goal (this small net moves in steps of about 6 %)."""
+    model = net(64)
+    g = pk.analyze(model, X)
+    lm = LatencyModel(model, X, measure_fn=stair, graph=g, calibrate=False)
+    over = 0.3 * lm.base_ms
+    p = pk.Pruner(model, X, "l2", pk.LatencyTarget(0.6), latency_model=lm)
+    calls = []
+    p._measure = lambda m: calls.append(1) or _true_ms(lm, m, 1.0, over)
+    base = p.base_latency
+    p.prune()
+    r = _true_ms(lm, model, 1.0, over) / base
+    assert abs(r - 0.6) <= 0.05 * 0.6, r  # the first plan (budget as predicted) measures 0.636: 6 % over
+    assert 2 <= len(calls) <= 1 + 6  # the baseline, then at most `rounds` plans
+
+
+def test_round_to_auto_keeps_to_aligned_widths():
+    """Without a staircase (time linear in the channels) every measured width is 'fast'; auto still keeps to
+    multiples of the alignment, where whole models keep their fast layouts (aligned=False: any measured width)."""
+    def linear(layer, x):
+        return 1e-6 * (x.numel() / x.shape[1]) * (layer.in_channels if isinstance(layer, nn.Conv2d)
+                                                  else layer.in_features) * (
+            layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features)
+    model = net()
+    g = pk.analyze(model, X)
+    lm = LatencyModel(model, X, measure_fn=linear, graph=g)
+    unaligned = False
+    for grp in g.prunable_groups:
+        al = lm.fast_widths(g, grp)
+        assert all(w % 8 == 0 for w in al if w != grp.size) and len(al) > 1
+        anyw = lm.fast_widths(g, grp, aligned=False)
+        assert set(al) <= set(lm.measured_widths(g, grp)) | {grp.size}
+        unaligned |= any(w % 8 for w in anyw)
+    assert unaligned

@@ -474,23 +474,43 @@ class Pruner:
     def _latency_knapsack(self, slots: list[_Slot], scores: dict[int, torch.Tensor], s: float) -> dict[int, int]:
         """Kept units per group for a latency budget: the latency model's predicted budget filled greedily by
         importance lost per ms saved (see :func:`prunekit.plan.knapsack.solve`), then the whole pruned model is
-        measured and the predicted budget corrected by the measured ratio (at most ``rounds`` measurements; the
-        best plan within 2 % of the goal, else the closest one under it, else the fastest)."""
+        measured and the predicted budget corrected (at most ``rounds`` measurements: by the measured ratio
+        until two plans bracket the goal, then by interpolating between them; the first plan within 2 % of
+        the goal, else the closest one under goal + 2 %, else the fastest)."""
         from ..plan.knapsack import solve
         t, lm = self.target, self.latency_model
         goal = 1.0 - s  # fraction of the ORIGINAL measured latency to keep
         base = self.base_latency
-        tol, rounds, f = 0.02, 4, 1.0
+        tol, rounds, f = 0.02, 6, 1.0
         tried: list[tuple[float, dict[int, int]]] = []
-        for _ in range(rounds):
+        seen: dict[tuple, float] = {}  # plan -> measured ratio: the same plan is not measured twice
+        factors: list[tuple[float, float]] = []  # (budget factor, measured ratio)
+        fresh = True
+        for _ in range(4 * rounds):  # solves are cheap; measurements (new plans) are limited to ``rounds``
             kept = solve(lm, self.graph, slots, scores, lm.base_ms * goal * f, self.criterion, exhaust=True)
-            r = self._latency_of(kept) / max(base, 1e-12)
-            tried.append((r, kept))
-            log.info("latency knapsack: predicted budget x%.3f -> measured %.4f of the original (goal %.4f)", f, r,
-                     goal)
+            key = tuple(sorted(kept.items()))
+            fresh = key not in seen
+            if fresh:
+                if len(seen) >= rounds:
+                    break
+                seen[key] = self._latency_of(kept) / max(base, 1e-12)
+                tried.append((seen[key], kept))
+                log.info("latency knapsack: predicted budget x%.3f -> measured %.4f of the original (goal %.4f)", f,
+                         seen[key], goal)
+            r = seen[key]
+            factors.append((f, r))
             if abs(r - goal) <= tol * goal:
                 return kept
-            f *= goal / max(r, 1e-9)
+            under = [x[0] for x in factors if x[1] < goal]
+            over = [x[0] for x in factors if x[1] > goal]
+            if under and over and max(under) < min(over):  # bracketed: interpolate, or halve if that plan was seen
+                (f0, r0), (f1, r1) = max(x for x in factors if x[1] < goal), min(x for x in factors if x[1] > goal)
+                nf = f0 + (f1 - f0) * (goal - r0) / (r1 - r0) if fresh and r1 > r0 else (f0 + f1) / 2
+                if abs(nf - f0) < 1e-4 * f0 or abs(nf - f1) < 1e-4 * f1:
+                    break  # no plan between the two: the staircase of this model
+                f = nf
+            else:  # a budget that gave a plan already measured moves twice as far
+                f *= (goal / max(r, 1e-9)) ** (1 if fresh else 2)
         ok = [x for x in tried if x[0] <= goal * (1 + tol)]
         if not ok:
             r = min(x[0] for x in tried)

@@ -13,8 +13,13 @@ of ``align`` at ``points`` anchors spread over the width, each measured at ``-1`
 width between grid points is interpolated linearly between its measured neighbours.  A layer whose input
 and output widths both change is predicted as ``t(full) * t(in)/t(full) * t(out)/t(full)`` (separable, as
 the MACs are); a depthwise conv has one axis.  What the layers do not account for (norms, activations,
-additions, data movement: ``rest_ms``) is the whole-model time minus the layers' time, and is scaled with
-the layers' predicted fraction.
+additions, data movement: ``rest_ms``) is the whole-model time minus the layers' time.
+
+Whole-model correction: per-layer timings in isolation miss what the model pays around them (per-op overhead
+that does not shrink with the width, fused or re-laid-out tensors), so with a ``graph`` the model is also
+measured once uniformly pruned to about half of every prunable group, and the prediction is the affine fit
+``scale * layers_ms + offset`` through the two whole-model measurements (full and half width; without a graph:
+``offset = 0`` and ``rest_ms`` scaled with the layers).  ``calibration`` holds the fit and its inputs.
 
 Measurements are cached on disk per device (CPU model name and thread count, or GPU name) and backend,
 under ``$PRUNEKIT_CACHE/latency`` (default ``~/.cache/prunekit/latency``), keyed by the layer's
@@ -308,13 +313,15 @@ class LatencyModel:
         warmup, repeats: per timing.  ``measure_fn(module, input) -> ms`` replaces the timing of one layer
             (a deterministic cost model in tests); the whole-model time is then the sum of the layers.
         cache: ``True`` (the default cache folder), a folder, or ``False`` (no disk cache).
+        calibrate: with a ``graph``, fit the whole-model correction (:meth:`calibrate`; one more whole-model
+            measurement of a uniformly half-pruned copy).
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, backend: str = "eager", *, device: str = "cpu",
                  threads: int | None = None, batch_size: int | None = None, graph: Any = None,
                  forward_fn: Callable | None = None, align: int = 8, points: int | None = None,
                  warmup: int = 2, repeats: int | None = None, measure_fn: Callable | None = None,
-                 cache: bool | str | Path = True):
+                 cache: bool | str | Path = True, calibrate: bool = True):
         if backend not in BACKENDS:
             raise ValueError(f"unknown latency backend {backend!r}; use one of {BACKENDS}")
         self.backend, self.device, self.threads, self.batch_size = backend, str(device), threads, batch_size
@@ -342,6 +349,12 @@ class LatencyModel:
         modeled = self.layers_ms()
         self.base_ms = self.base.median_ms if self.base is not None else modeled
         self.rest_ms = max(0.0, self.base_ms - modeled)
+        # prediction = scale * (summed layer ms) + offset: uncalibrated, the rest scales with the layers
+        self.scale = 1.0 + (self.rest_ms / modeled if modeled > 0 else 0.0)
+        self.offset = 0.0
+        self.calibration: dict[str, Any] | None = None
+        if calibrate and graph is not None:
+            self.calibrate(graph)
         self._save_cache()
         self.build_s = time.perf_counter() - t0
         log.info("latency model (%s, %s): %d layers, %d timings measured, %d from the cache, %.1fs; whole model "
@@ -461,9 +474,47 @@ class LatencyModel:
 
     def predict_widths(self, widths: Mapping[str, tuple[int, int]]) -> float:
         """Predicted whole-model ms when the measured layers have ``widths`` (name -> (in, out))."""
-        full = self.layers_ms()
-        part = self.layers_ms(widths)
-        return part + self.rest_ms * (part / full if full > 0 else 1.0)
+        return max(self.scale * self.layers_ms(widths) + self.offset, 1e-3 * self.base_ms)
+
+    def calibrate(self, graph: Any, fraction: float = 0.5) -> dict[str, Any] | None:
+        """Fit the whole-model correction: measure a copy of the model with every prunable group of ``graph``
+        cut to about ``fraction`` of its units (multiples of ``align`` where the group is wide) and choose
+        ``scale``/``offset`` so that the prediction equals the whole-model measurement at full width and at
+        that width.  Returns (and keeps in ``calibration``) the fit and its inputs; None (the model is left
+        uncalibrated, with the reason logged) where the copy cannot be built or the layers barely change."""
+        from ..surgery.apply import pruned_copy
+        plan = {}
+        for g in graph.prunable_groups:
+            k = g.size * fraction
+            k = int(round(k / self.align)) * self.align if g.size >= 4 * self.align else int(round(k))
+            k = min(g.size, max(k, getattr(g, "min_keep", 1), 1))
+            if k < g.size:
+                plan[g.id] = list(range(g.size - k))
+        if not plan:
+            return None
+        try:
+            trial = pruned_copy(self._model, graph, plan, verify=False)
+        except Exception as e:  # noqa: BLE001 - the correction is an improvement, not a requirement
+            log.warning("latency model: no whole-model correction (the half-width copy failed: %s: %s)",
+                        type(e).__name__, e)
+            return None
+        l_full, l_half = self.layers_ms(), self.layers_ms(_widths_of(trial, self.layers))
+        if l_full <= 0 or l_full - l_half < 0.05 * l_full:
+            return None
+        before = self.predict_widths(_widths_of(trial, self.layers))
+        m_full, m_half = self.base_ms, self.measure_model(trial).median_ms
+        scale = (m_full - m_half) / (l_full - l_half)
+        ref = m_full / l_full  # the uncalibrated proportional scale; the fit stays within a factor 5 of it
+        scale = min(max(scale, 0.2 * ref), 5.0 * ref)
+        self.scale, self.offset = scale, m_full - scale * l_full
+        self.calibration = {"kept_fraction": fraction, "full_ms": m_full, "half_ms": m_half,
+                            "layers_full_ms": l_full, "layers_half_ms": l_half, "uncalibrated_half_ms": before,
+                            "uncalibrated_error": before / m_half - 1.0 if m_half > 0 else 0.0,
+                            "scale": self.scale, "offset_ms": self.offset}
+        log.info("latency model: whole-model correction at %.2f width: measured %.3f ms, uncalibrated prediction "
+                 "%.3f ms (%+.1f%%); scale %.3f, offset %.3f ms", fraction, m_half, before,
+                 100 * self.calibration["uncalibrated_error"], self.scale, self.offset)
+        return self.calibration
 
     def widths(self, graph: Any, kept: Mapping[int, int] | None = None) -> dict[str, tuple[int, int]]:
         """(in, out) width of every measured layer of ``graph``'s model after its groups keep ``kept`` units."""
@@ -492,9 +543,10 @@ class LatencyModel:
         """Predicted ms of ``graph``'s model after each group keeps ``kept[group id]`` units (others as they are)."""
         return self.predict_widths(self.widths(graph, kept))
 
-    def measured_widths(self, graph: Any, group: Any) -> list[int]:
-        """Unit counts of ``group`` at which every measured layer it changes was measured (ascending)."""
-        sets = []
+    def _axes(self, graph: Any, group: Any) -> list[tuple[dict[int, float], int, int]]:
+        """Per measured layer ``group`` changes: (its measured curve on that axis, the width other groups own
+        on that axis (a concatenation), the indices one unit spans)."""
+        out = []
         cur = _widths_of(getattr(graph, "model_ref", None) or self._model, self.layers)
         for m in group.members:
             n = m.fqn[:-len(".weight")] if m.fqn.endswith(".weight") else None
@@ -502,20 +554,33 @@ class LatencyModel:
                 continue
             lay = self.layers[n]
             curve = lay.out_curve if (lay.depthwise or m.dim == 0) else lay.in_curve
-            c = cur[n][1 if m.dim == 0 else 0]
             span = span_of(m)
-            other = c - group.size * span  # the part of the dim other groups own (a concatenation)
-            sets.append({(w - other) // span for w in curve if w > other and (w - other) % span == 0
-                         and (w - other) // span <= group.size})
+            out.append((curve, cur[n][1 if m.dim == 0 else 0] - group.size * span, span))
+        return out
+
+    def measured_widths(self, graph: Any, group: Any) -> list[int]:
+        """Unit counts of ``group`` at which every measured layer it changes was measured (ascending)."""
+        sets = [{(w - other) // span for w in curve if w > other and (w - other) % span == 0
+                 and (w - other) // span <= group.size} for curve, other, span in self._axes(graph, group)]
         if not sets:
             return []
         return sorted(set.intersection(*sets))
 
-    def fast_widths(self, graph: Any, group: Any, min_keep: int = 1) -> list[int]:
+    def fast_widths(self, graph: Any, group: Any, min_keep: int = 1, aligned: bool = True) -> list[int]:
         """The measured unit counts of ``group`` on the fast side of the staircase: strictly faster (predicted
         whole model, the other groups as they are) than every wider measured count (ascending; always
-        includes the current size)."""
+        includes the current size).
+
+        ``aligned``: only counts that leave every layer the group changes at a multiple of ``align`` channels
+        (where the group has such counts).  Layers timed alone miss the layout conversions a whole model pays
+        at unaligned widths (oneDNN / ONNX Runtime blocked formats): choosing among every measured width made
+        ``round_to="auto"`` up to 1.76x slower than ``round_to=8`` at the same MACs (benchmarks/latency.py)."""
         ws = [w for w in self.measured_widths(graph, group) if w >= min_keep]
+        if aligned:
+            axes = self._axes(graph, group)
+            al = [w for w in ws if all((other + w * span) % self.align == 0 for _, other, span in axes)]
+            if al:
+                ws = al
         if group.size not in ws:
             ws.append(group.size)
         ws.sort()
@@ -545,7 +610,8 @@ class LatencyModel:
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "device": self.device_name, "batch_size": self.batch_size,
-                "base_ms": self.base_ms, "rest_ms": self.rest_ms,
+                "base_ms": self.base_ms, "rest_ms": self.rest_ms, "scale": self.scale, "offset_ms": self.offset,
+                "calibration": self.calibration,
                 "layers": {n: {"in": l.in_full, "out": l.out_full, "depthwise": l.depthwise, "calls": l.calls,
                                "full_ms": l.full_ms, "in_curve": l.in_curve, "out_curve": l.out_curve}
                            for n, l in self.layers.items()}}

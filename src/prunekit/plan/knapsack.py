@@ -41,8 +41,7 @@ def solve(lm: Any, graph: Any, slots: Sequence[Any], scores: Mapping[int, torch.
     if even every slot at its last saving rung is predicted above it: None, or that plan with ``exhaust=True``."""
     layers = lm.layers
     width = {n: list(w) for n, w in lm.widths(graph, {}).items()}
-    full = lm.layers_ms()
-    factor = 1.0 + (lm.rest_ms / full if full > 0 else 0.0)
+    factor = lm.scale  # the whole-model prediction is scale * (summed layer ms) + offset
     touch: list[list[tuple[str, str, int]]] = []
     for sl in slots:
         t = []
@@ -70,7 +69,7 @@ def solve(lm: Any, graph: Any, slots: Sequence[Any], scores: Mapping[int, torch.
     pos = [0] * len(slots)
     kept = [sl.cur for sl in slots]
     lay_ms = {n: layers[n].ms(*width[n]) for n in width}
-    total = sum(lay_ms.values()) * factor
+    total = sum(lay_ms.values()) * factor + lm.offset
 
     def widths_after(i: int, k: int) -> dict[str, list[int]]:
         gone = kept[i] - k
@@ -114,31 +113,30 @@ def solve(lm: Any, graph: Any, slots: Sequence[Any], scores: Mapping[int, torch.
         dirty = {i} | {k for n, _, _ in touch[i] for k in by_layer.get(n, ())}
         for k in dirty:
             moves[k] = best_move(k)
-    # the last moves may overshoot (a rung can be large): give rungs back while the budget allows, the most
-    # importance regained per ms first
+    # the last moves may overshoot (a rung can be large, a flat step of the staircase hides the next one): give
+    # rungs back while the budget allows, the most importance regained per ms first, looking a few rungs up
     while True:
         best = None
         for i, sl in enumerate(slots):
-            if pos[i] == 0:
-                continue
-            k = rungs[i][pos[i] - 1]
-            nw = widths_after(i, k)
-            cost = sum(layers[n].ms(*w) - lay_ms[n] for n, w in nw.items()) * factor
-            if total + cost > budget_ms * (1 + 1e-9):
-                continue
-            gain = cum[i][sl.cur - kept[i]] - cum[i][sl.cur - k]
-            r = gain / max(cost, 1e-12)
-            if best is None or r > best[0]:
-                best = (r, i, k, nw)
+            for j in range(pos[i] - 1, max(-1, pos[i] - 1 - lookahead), -1):
+                k = rungs[i][j]
+                nw = widths_after(i, k)
+                cost = sum(layers[n].ms(*w) - lay_ms[n] for n, w in nw.items()) * factor
+                if total + cost > budget_ms * (1 + 1e-9):
+                    continue
+                gain = cum[i][sl.cur - kept[i]] - cum[i][sl.cur - k]
+                r = gain / max(cost, 1e-12)
+                if best is None or r > best[0]:
+                    best = (r, i, j, nw)
         if best is None:
             break
-        _, i, k, nw = best
+        _, i, j, nw = best
         for n, w in nw.items():
             width[n] = w
             new = layers[n].ms(*w)
             total += (new - lay_ms[n]) * factor
             lay_ms[n] = new
-        pos[i], kept[i] = pos[i] - 1, k
+        pos[i], kept[i] = j, rungs[i][j]
     return {sl.group.id: k for sl, k in zip(slots, kept)}
 
 
