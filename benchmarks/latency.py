@@ -13,13 +13,18 @@ when a GPU is present):
 * ``tp magnitude``: Torch-Pruning 1.6.1's ``MagnitudePruner`` (l2, round_to 8) at the MACs of ``pk flops r8``
   (its pruning ratio bisected on MACs), imported from ``--tp-path`` (default /tmp/tpt) when present.
 
-Latency = median of ``--repeats`` runs in this one process, with the IQR and min/max; *efficiency* =
-latency reduction / MAC reduction (1.0: the removed MACs turn into time one-for-one).  The latency model's
+Latency: the dense model and every pruned one are timed interleaved in this one process (``--rounds`` rounds,
+each model in turn, ``--repeats`` runs per model in all; ``prunekit.cost.latency_model.measure_many``), so that
+a shared machine's drift falls on all alike; *latency kept* is the median over rounds of the paired ratio to the
+dense model, the ms columns are the median and IQR of all runs; *efficiency* = latency reduction / MAC
+reduction (1.0: the removed MACs turn into time one-for-one).  The latency model's
 prediction of every pruned model is reported next to its measurement (``pred err``).
 
 ``--quality`` adds the Fashion-MNIST comparison at an equal measured latency (the models, loader and trainer
 of ``quality_fmnist.py``): the FLOPs plan (``FlopsTarget(0.5)``) is measured, then the latency-aware plan is
 made at that measured latency (``LatencyTarget(r)``), both fine-tuned with the same budget; test accuracy.
+Its latency is measured at ``--quality-batch`` (default 128): at small batches these tiny models are
+overhead-bound (a half-MACs ResNet measured slower than the dense one at batch 8).
 
 Writes ``benchmarks/results/latency.json`` and ``latency.md`` (``--out`` to change).  The machine must be quiet:
 every figure is a wall-clock time.
@@ -45,7 +50,8 @@ sys.path.insert(0, str(HERE))
 from _bench_common import git_state  # noqa: E402
 
 import prunekit as pk  # noqa: E402
-from prunekit.cost.latency_model import BackendUnavailable, LatencyModel, device_name, measure  # noqa: E402
+from prunekit.cost.latency_model import (BackendUnavailable, LatencyModel, device_name,  # noqa: E402
+                                        measure_many)
 
 log = logging.getLogger("bench.latency")
 MODELS = ["resnet50", "convnext_tiny", "mobilenetv3_large_100", "efficientnet_b0", "vit_small_patch16_224"]
@@ -60,10 +66,6 @@ def build(name: str) -> nn.Module:
 
 def macs(model: nn.Module, x: torch.Tensor) -> int:
     return int(pk.count(model, x).macs)
-
-
-def timing(model, x, backend, device, batch, repeats) -> dict[str, float]:
-    return measure(model, x, backend, device, batch_size=batch, repeats=repeats, warmup=3).to_dict()
 
 
 # ------------------------------------------------------------------------------------------- methods
@@ -129,8 +131,6 @@ def bench_cell(name: str, batch: int, backend: str, device: str, args, tp_reason
                              "scale": lm.scale, "offset_ms": lm.offset,
                              "calibration_uncalibrated_error": (lm.calibration or {}).get("uncalibrated_error")}
     base_macs = macs(model, x)
-    base = timing(model, x, backend, device, batch, args.repeats)
-    cell["before"] = {"macs": base_macs, **base}
     methods = {"pk flops r8": lambda: pk_prune(model, x, pk.FlopsTarget(TARGET), 8, None),
                "pk flops auto": lambda: pk_prune(model, x, pk.FlopsTarget(TARGET), "auto", lm),
                "pk latency": lambda: pk_prune(model, x, pk.LatencyTarget(TARGET, backend=backend, device=device,
@@ -139,6 +139,7 @@ def bench_cell(name: str, batch: int, backend: str, device: str, args, tp_reason
     if "tp" in args.methods:
         methods["tp magnitude"] = None
     methods = {k: v for k, v in methods.items() if any(k.startswith(m) for m in args.methods)}
+    pruned_models: dict[str, nn.Module] = {}
     for meth, fn in methods.items():
         t1 = time.perf_counter()
         try:
@@ -155,21 +156,30 @@ def bench_cell(name: str, batch: int, backend: str, device: str, args, tp_reason
             log.warning("%s %s b%d %s: %s", name, meth, batch, backend, cell["methods"][meth]["error"])
             continue
         mk = macs(pruned, x)
-        t = timing(pruned, x, backend, device, batch, args.repeats)
-        red_lat = 1 - t["median_ms"] / base["median_ms"]
-        red_macs = 1 - mk / base_macs
         try:
             pred = lm.predict_widths(_widths(pruned, lm))
         except Exception:  # noqa: BLE001 - TP may rename/replace layers
             pred = None
-        cell["methods"][meth] = {"macs": mk, "macs_kept": mk / base_macs, **t,
-                                 "latency_kept": t["median_ms"] / base["median_ms"],
-                                 "efficiency": red_lat / red_macs if red_macs > 0 else None,
-                                 "predicted_ms": pred,
-                                 "prediction_error": (pred / t["median_ms"] - 1) if pred else None,
+        cell["methods"][meth] = {"macs": mk, "macs_kept": mk / base_macs, "predicted_ms": pred,
                                  "seconds": round(time.perf_counter() - t1, 1)}
-        log.info("%s b%d %s %s: MACs %.3f latency %.3f eff %s", name, batch, backend, meth, mk / base_macs,
-                 t["median_ms"] / base["median_ms"], cell["methods"][meth]["efficiency"])
+        pruned_models[meth] = pruned
+    # the dense model and every pruned one timed interleaved (rounds of each in turn): a shared machine's drift
+    # falls on all alike; latency kept is the per-round paired ratio to the dense model
+    names = list(pruned_models)
+    res = measure_many([model] + [pruned_models[n] for n in names], x, backend, device, batch_size=batch,
+                       rounds=args.rounds, repeats=args.repeats)
+    base = res.timings[0].to_dict()
+    cell["before"] = {"macs": base_macs, **base}
+    for i, meth in enumerate(names, start=1):
+        r = cell["methods"][meth]
+        t = res.timings[i].to_dict()
+        kept = res.ratio(i)
+        red_lat, red_macs = 1 - kept, 1 - r["macs_kept"]
+        pred = r["predicted_ms"]
+        r.update(**t, latency_kept=kept, efficiency=red_lat / red_macs if red_macs > 0 else None,
+                 prediction_error=(pred / t["median_ms"] - 1) if pred else None)
+        log.info("%s b%d %s %s: MACs %.3f latency %.3f eff %s", name, batch, backend, meth, r["macs_kept"], kept,
+                 r["efficiency"])
     return cell
 
 
@@ -194,18 +204,18 @@ def quality(args) -> dict[str, Any]:
     for name in ("resnet", "mobilenetv2"):
         base, info = q.baseline(name, data, budget, "cpu")
         x = data.xtr[:1].clone()
-        b = args.batch[-1]
+        b = args.quality_batch
         lm = LatencyModel(base, x, "eager", batch_size=b, graph=pk.analyze(base, x), points=args.points)
-        t_base = timing(base, x, "eager", "cpu", b, args.repeats)["median_ms"]
         flops = pk_prune(base, x, pk.FlopsTarget(TARGET), 8, None)
-        t_f = timing(flops, x, "eager", "cpu", b, args.repeats)["median_ms"]
-        r = min(1.0, t_f / t_base)
+        r = min(1.0, measure_many([base, flops], x, "eager", "cpu", batch_size=b, rounds=args.rounds,
+                                  repeats=args.repeats).ratio(1))
         lat = pk_prune(base, x, pk.LatencyTarget(r, batch_size=b, repeats=args.repeats), 8, lm)
-        t_l = timing(lat, x, "eager", "cpu", b, args.repeats)["median_ms"]
-        res = {"base_acc": q.accuracy(base, data.xte, data.yte, "cpu"), "latency_ratio_goal": r}
-        for label, m, t in (("flops", flops, t_f), ("latency", lat, t_l)):
+        t = measure_many([base, flops, lat], x, "eager", "cpu", batch_size=b, rounds=args.rounds,
+                         repeats=args.repeats)
+        res = {"base_acc": q.accuracy(base, data.xte, data.yte, "cpu"), "latency_ratio_goal": r, "batch": b}
+        for i, (label, m) in enumerate((("flops", flops), ("latency", lat)), start=1):
             q.train(m, data, budget.ft_steps, lr=budget.ft_lr, budget=budget, seed=budget.seed, device="cpu")
-            res[label] = {"acc": q.accuracy(m, data.xte, data.yte, "cpu"), "latency_kept": t / t_base,
+            res[label] = {"acc": q.accuracy(m, data.xte, data.yte, "cpu"), "latency_kept": t.ratio(i),
                           "macs_kept": macs(m, x) / macs(base, x)}
         out["models"][name] = res
     return out
@@ -241,7 +251,8 @@ def markdown(res: dict[str, Any]) -> str:
         if "skipped" in q:
             lines.append(f"skipped: {q['skipped']}")
         else:
-            lines += [f"Fine-tune budget: {q['budget']}", "",
+            lines += [f"Fine-tune budget: {q['budget']}; latency measured at batch "
+                      f"{next(iter(q['models'].values()), {}).get('batch', '-')}, eager, interleaved", "",
                       "| model | dense acc | FLOPs plan: acc / latency / MACs | latency plan: acc / latency / MACs |",
                       "|---|---|---|---|"]
             for name, r in q["models"].items():
@@ -300,13 +311,17 @@ def main(argv=None) -> int:
                     help="eager, compile, onnxruntime (CPU); eager on CUDA is added when a GPU is present")
     ap.add_argument("--methods", nargs="+", default=["pk flops r8", "pk flops auto", "pk latency", "tp"])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and a sparser width grid (a smoke run)")
-    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per model (spread over --rounds)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the dense and pruned models")
     ap.add_argument("--layer-repeats", type=int, default=None)
     ap.add_argument("--points", type=int, default=None, help="anchors of the latency model's width grid")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     ap.add_argument("--tp-path", default="/tmp/tpt")
     ap.add_argument("--quality", action="store_true", help="also the Fashion-MNIST comparison at equal latency")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--quality-batch", type=int, default=128,
+                    help="batch size the quality comparison's latency is measured at (the tiny models are "
+                         "overhead-bound at small batches)")
     ap.add_argument("--out", default=str(HERE / "results" / "latency"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

@@ -480,7 +480,9 @@ class Pruner:
         from ..plan.knapsack import solve
         t, lm = self.target, self.latency_model
         goal = 1.0 - s  # fraction of the ORIGINAL measured latency to keep
-        base = self.base_latency
+        # trials are measured interleaved with the model as it is now (paired: drift cancels); after earlier
+        # steps the model's own fraction of the original comes from the baseline measured before the first
+        cur = 1.0 if not self.history else self._measure(self.model) / max(self.base_latency, 1e-12)
         tol, rounds, f = 0.02, 6, 1.0
         tried: list[tuple[float, dict[int, int]]] = []
         seen: dict[tuple, float] = {}  # plan -> measured ratio: the same plan is not measured twice
@@ -493,7 +495,7 @@ class Pruner:
             if fresh:
                 if len(seen) >= rounds:
                     break
-                seen[key] = self._latency_of(kept) / max(base, 1e-12)
+                seen[key] = cur * self._latency_ratio(kept)
                 tried.append((seen[key], kept))
                 log.info("latency knapsack: predicted budget x%.3f -> measured %.4f of the original (goal %.4f)", f,
                          seen[key], goal)
@@ -540,6 +542,16 @@ class Pruner:
                 raise RuntimeError("the baseline latency must be measured before the first pruning step")
             self._base_latency = self._measure(self.model)
         return self._base_latency
+
+    def _latency_ratio(self, kept: Mapping[int, int]) -> float:
+        """Measured latency of the model after ``kept`` relative to the model as it is (the latency model's
+        backend, device and batch; the two measured interleaved)."""
+        graph = self.graph
+        plan = {gid: graph.group(gid).size - k for gid, k in kept.items() if graph.group(gid).size > k}
+        if not plan:
+            return 1.0
+        trial = pruned_copy(self.model, graph, {gid: list(range(n)) for gid, n in plan.items()}, verify=False)
+        return self.latency_model.measure_ratio(trial, self.model, repeats=getattr(self.target, "repeats", 10))
 
     def _latency_of(self, kept: Mapping[int, int]) -> float:
         graph = self.graph

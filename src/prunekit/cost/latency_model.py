@@ -216,6 +216,59 @@ def measure(model: nn.Module, example_inputs: Any, backend: str = "eager", devic
     return Timing.of(times)
 
 
+@dataclass
+class Interleaved:
+    """Result of :func:`measure_many`: per model a :class:`Timing` of all its runs, and the per-round medians
+    (``rounds[r][i]``: round ``r``, model ``i``) that paired ratios come from."""
+
+    timings: list[Timing]
+    rounds: list[list[float]]
+
+    def ratio(self, i: int, ref: int = 0) -> float:
+        """Latency of model ``i`` relative to model ``ref``: the median over rounds of the ratio within a round
+        (drift between rounds cancels)."""
+        return statistics.median(r[i] / r[ref] for r in self.rounds if r[ref] > 0)
+
+
+def measure_many(models: Sequence[nn.Module], example_inputs: Any, backend: str = "eager", device: str = "cpu",
+                 threads: int | None = None, batch_size: int | None = None, *, rounds: int = 5, repeats: int = 10,
+                 min_round_s: float = 0.05, warmup: int = 3, forward_fn: Callable | None = None) -> Interleaved:
+    """Latency of several models measured interleaved, so that a shared machine's drift (clock, other load)
+    falls on all of them alike: every runner is built (and warmed up) first, then each of ``rounds`` rounds
+    times every model in turn, ``max(ceil(repeats / rounds), runs filling min_round_s)`` runs each.  Compare
+    models with :meth:`Interleaved.ratio` (paired per round), not with medians measured at different times."""
+    dev = torch.device(device)
+    x = example_inputs if batch_size is None else _rebatch(example_inputs, batch_size)
+    x = _to(x, dev)
+    sync = _sync_for(dev)
+    homes = [next((p.device for p in m.parameters()), dev) for m in models]
+    per_round = max(1, math.ceil(repeats / max(1, rounds)))
+    with _threads(threads), contextlib.ExitStack() as stack, torch.no_grad():
+        for m in models:
+            stack.enter_context(eval_mode(m))
+        try:
+            runners, counts = [], []
+            for m in models:
+                m.to(dev)
+                run = backend_runner(m, x, backend, device, threads, forward_fn)
+                t = min(_time(run, warmup, 2, sync))
+                runners.append(run)
+                counts.append(max(per_round, min(50, math.ceil(min_round_s * 1000.0 / max(t, 1e-3)))))
+            times: list[list[float]] = [[] for _ in models]
+            meds: list[list[float]] = []
+            for _ in range(max(1, rounds)):
+                row = []
+                for i, (run, n) in enumerate(zip(runners, counts)):
+                    ts = _time(run, 0, n, sync)
+                    times[i].extend(ts)
+                    row.append(statistics.median(ts))
+                meds.append(row)
+        finally:
+            for m, h in zip(models, homes):
+                m.to(h)
+    return Interleaved([Timing.of(t) for t in times], meds)
+
+
 def _to(x: Any, dev: torch.device) -> Any:
     from torch.utils._pytree import tree_map
     return tree_map(lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t, x)
@@ -459,6 +512,15 @@ class LatencyModel:
             self.layers[name] = _Layer(name, cin, cout, dw, calls.get(name, 1), full,
                                        _monotone(in_curve), _monotone(out_curve))
 
+    def measure_ratio(self, model: nn.Module, reference: nn.Module, repeats: int = 10) -> float:
+        """Measured latency of ``model`` relative to ``reference`` on this backend/device/batch, the two
+        interleaved (:func:`measure_many`); with a ``measure_fn``, the ratio of the synthetic times."""
+        if self.measure_fn is not None:
+            return self.measure_model(model).median_ms / max(self.measure_model(reference).median_ms, 1e-12)
+        res = measure_many([reference, model], self.example_inputs, self.backend, self.device, self.threads,
+                           self.batch_size, repeats=repeats, forward_fn=self.forward_fn)
+        return res.ratio(1)
+
     def measure_model(self, model: nn.Module, warmup: int = 3, repeats: int = 10) -> Timing:
         """The whole model's latency on this backend/device/batch (median and spread)."""
         if self.measure_fn is not None:
@@ -502,7 +564,9 @@ class LatencyModel:
         if l_full <= 0 or l_full - l_half < 0.05 * l_full:
             return None
         before = self.predict_widths(_widths_of(trial, self.layers))
-        m_full, m_half = self.base_ms, self.measure_model(trial).median_ms
+        # the half-width time relative to the full model, measured interleaved (drift cancels)
+        m_full = self.base_ms
+        m_half = m_full * self.measure_ratio(trial, self._model)
         scale = (m_full - m_half) / (l_full - l_half)
         ref = m_full / l_full  # the uncalibrated proportional scale; the fit stays within a factor 5 of it
         scale = min(max(scale, 0.2 * ref), 5.0 * ref)
@@ -654,5 +718,5 @@ def latency_model_for(model: nn.Module, example_inputs: Any, target: Any, **kw: 
                         batch_size=getattr(target, "batch_size", None), **kw)
 
 
-__all__ = ["BACKENDS", "BackendUnavailable", "LatencyModel", "Timing", "backend_runner", "cache_dir", "device_name",
-           "measure", "width_grid", "latency_model_for"]
+__all__ = ["BACKENDS", "BackendUnavailable", "Interleaved", "LatencyModel", "Timing", "backend_runner", "cache_dir",
+           "device_name", "measure", "measure_many", "width_grid", "latency_model_for"]
