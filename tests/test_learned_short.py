@@ -114,3 +114,44 @@ def test_gate_gradients_go_to_the_pruners_own_optimizer():
     moved = torch.cat([(g.logit - before[gid]).detach() for gid, g in lp.gates.items()])
     spread = moved - moved.mean()
     assert spread.abs().max() > 1e-3  # gates move by different amounts: the update is not a common shift
+
+
+def test_latency_target_trains_against_the_shared_latency_model():
+    """LearnedPruner(target=pk.LatencyTarget(r)): the gates' loss is the latency the shared latency model predicts
+    (a synthetic staircase table here), differentiable in the expected widths; the run ends at the predicted
+    latency target, and the pruned model's predicted latency is what the pruner reports."""
+    from prunekit.cost.latency_model import LatencyModel
+    from tests.test_latency_model import stair
+    x, y = teacher_data()
+    model = trained_cnn(x, y, width=64)  # wide enough that the 8-channel steps of the staircase are fine-grained
+    ex = torch.randn(2, 1, 14, 14)
+    graph = pk.analyze(model, ex)
+    lm = LatencyModel(model, ex, measure_fn=stair, graph=graph)
+    lp = pk.LearnedPruner(model, ex, pk.LatencyTarget(0.6), num_steps=200, latency_model=lm)
+    assert lp.quantity == "latency" and lp.latency_model is lm
+    lp.prepare()
+    # differentiable: the latency loss reaches the gate logits
+    model.train()
+    out = model(x[:32])
+    p, fl, el, dl = lp.losses(0)
+    assert p.requires_grad and float(p.detach()) == pytest.approx(
+        lp._fraction({g: float(v.detach()) for g, v in _expected(lp).items()}), rel=1e-6)
+    g = torch.Generator().manual_seed(2)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for step in range(200):
+        i = torch.randint(0, len(x), (32,), generator=g)
+        out = model(x[i])
+        p, fl, el, dl = lp.losses(step)
+        loss = F.cross_entropy(out, y[i]) + fl + el + dl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    small = lp.finalize()
+    assert lp.reached == lp.reached_latency and lp.reached <= 0.6 + 1e-9 and abs(lp.reached - 0.6) <= 0.05
+    assert lp.reached_latency == pytest.approx(lm.measure_model(small).median_ms / lm.base_ms, rel=1e-6)
+    assert lp.compute_normalized_flops() == lp.reached_macs == pytest.approx(pk.count(small, ex).macs / lp.base_macs)
+    assert accuracy(small, x[:512], y[:512]) > 0.7
+
+
+def _expected(lp):
+    return {gid: (torch.sigmoid(g.logit) * g.block_len).sum() for gid, g in lp.gates.items()}

@@ -185,8 +185,14 @@ class LearnedPruner:
     Args:
         model: the model to prune; hooks are added by :meth:`prepare` and removed by :meth:`finalize`.
         example_inputs: what ``model`` is called with (tensor, tuple or dict), for analysis and verification.
-        target: ``pk.FlopsTarget(r)``, ``r`` the fraction of the baseline MACs to keep, in (0, 1).  The
-            deprecated spellings ``target_flops_ratio=r`` and a bare float ``r`` in this place still work.
+        target: ``pk.FlopsTarget(r)``, ``r`` the fraction of the baseline MACs to keep, in (0, 1), or
+            ``pk.LatencyTarget(r, backend=..., batch_size=...)``: the fraction of the latency to keep as the
+            shared :class:`prunekit.LatencyModel` predicts it (measured per layer on that backend when the
+            pruner is made, before the gates go in; the prediction is piecewise linear in the expected kept
+            widths, so the FLOPs loss becomes a latency loss).  The deprecated spellings
+            ``target_flops_ratio=r`` and a bare float ``r`` in this place still work.
+        latency_model: a :class:`prunekit.LatencyModel` of ``model`` for a ``LatencyTarget`` (default: built
+            from the target's backend, device, threads and batch size).
         num_steps: training steps (``global_step`` values given to :meth:`losses`) over which the target is
             reached and the temperature and entropy weight are annealed.
         forward_fn: ``forward_fn(model, inputs)`` if the model is not called as ``model(inputs)``.
@@ -220,8 +226,10 @@ class LearnedPruner:
                  symmetric: float = 0.1, temperature_start: float = 1.0, temperature_end: float = 0.1,
                  init_logit: float = 3.0, seed: int = 0, prune_outputs: bool = False, verify: bool = True,
                  gate_lr: float | None = 0.1, ramp: float = 0.5, distributed: Any = None,
-                 target_flops_ratio: float | None = None, block_size: int | None = None):
+                 target_flops_ratio: float | None = None, block_size: int | None = None,
+                 latency_model: Any = None):
         owner = type(self).__name__
+        self.quantity, self.target_spec = "macs", None
         if target_flops_ratio is not None:
             if target is not None:
                 raise TypeError(f"{owner}: pass target=pk.FlopsTarget(r) only (target_flops_ratio= is its "
@@ -233,11 +241,14 @@ class LearnedPruner:
         if target is None:
             raise TypeError(f"{owner} needs a target: target=pk.FlopsTarget(r), r the fraction of MACs to keep")
         if isinstance(target, Target):
-            target = keep_target(target, owner, ("flops",))
+            target = keep_target(target, owner, ("flops", "latency"))
             if not target.ratio < 1.0:
-                raise ValueError(f"{owner}: FlopsTarget ratio is the fraction of MACs to KEEP and must be in (0, 1), "
-                                 f"got {target.ratio!r}")
+                what = "the latency" if target.kind == "latency" else "MACs"
+                raise ValueError(f"{owner}: {type(target).__name__} ratio is the fraction of {what} to KEEP and must "
+                                 f"be in (0, 1), got {target.ratio!r}")
             target_flops_ratio = target.ratio
+            self.quantity = "latency" if target.kind == "latency" else "macs"
+            self.target_spec = target
         else:
             target_flops_ratio = target
         if block_size is not None:
@@ -305,11 +316,20 @@ class LearnedPruner:
         self.ignore = [_pattern(p, names, "ignore") for p in (ignore or [])]
         self.graph: PruneGraph = analyze(model, example_inputs, forward_fn, prune_outputs=prune_outputs)
         self.base_macs = self.graph.macs()
+        # a LatencyTarget: the cost is the shared latency model's prediction (pk.LatencyModel, measured now,
+        # before any gate is inserted), differentiable in the expected kept widths (piecewise linear)
+        self.latency_model = latency_model
+        if self.quantity == "latency" and latency_model is None:
+            from ..cost.latency_model import latency_model_for
+            self.latency_model = latency_model_for(model, example_inputs, self.target_spec, graph=self.graph,
+                                                   forward_fn=forward_fn)
         self.groups = self._eligible()
         self.gates: dict[int, _Gate] = {}
         self.sites: list[_Site] = []
         self.teacher: nn.Module | None = None
-        self.reached: float | None = None
+        self.reached: float | None = None  # the target's quantity kept after finalize (see finalize)
+        self.reached_macs: float | None = None
+        self.reached_latency: float | None = None
         self.step = 0
         self._handles: list = []
         self._sample: dict[int, torch.Tensor] = {}
@@ -352,13 +372,22 @@ class LearnedPruner:
         n = self._block_len(g)
         return min(g.size, max(n, int(math.ceil(self._min_units(g) / n)) * n))
 
+    def _fraction(self, kept: Mapping[int, Any]) -> Any:
+        """The target's quantity kept at ``kept`` (units per group: ints, floats or tensors, differentiable),
+        as a fraction of the baseline: MACs, or the latency the latency model predicts."""
+        if self.quantity == "latency":
+            lm = self.latency_model
+            return lm.predict(self.graph, kept) / lm.predict(self.graph, {})
+        return self.graph.macs_kept(kept) / self.base_macs if self.base_macs else 1.0
+
     @property
     def prunable_proportion(self) -> float:
-        """Fraction of the baseline MACs the gates can remove: every gated group down to one block."""
-        if self.base_macs == 0:
+        """Fraction of the baseline MACs (of the predicted latency, for a LatencyTarget) the gates can remove:
+        every gated group down to one block."""
+        if self.quantity == "macs" and self.base_macs == 0:
             return 0.0
         kept = {g.id: self._min_kept(g) for g in self.groups}
-        return 1.0 - float(self.graph.macs_kept(kept)) / self.base_macs
+        return 1.0 - float(self._fraction(kept))
 
     # ------------------------------------------------------------------ prepare
     def prepare(self) -> nn.Module:
@@ -370,9 +399,10 @@ class LearnedPruner:
                              "check pk.analyze(model, x).summary() and the ignore patterns")
         reach = 1.0 - self.prunable_proportion
         if self.target < reach - 1e-9:
-            raise ValueError(f"target_flops_ratio={self.target} cannot be reached: with every gated group down to one "
-                             f"block the model keeps {reach:.1%} of its MACs. Raise the target, ignore fewer modules "
-                             "or use a smaller gate_size (or a larger max_ratio)")
+            what = "predicted latency" if self.quantity == "latency" else "MACs"
+            raise ValueError(f"target ratio {self.target} cannot be reached: with every gated group down to one "
+                             f"block the model keeps {reach:.1%} of its {what}. Raise the target, ignore fewer "
+                             "modules or use a smaller gate_size (or a larger max_ratio)")
         if self.distill_weight > 0:
             self.teacher = copy.deepcopy(self.model)
             for p in self.teacher.parameters():
@@ -597,7 +627,7 @@ class LearnedPruner:
             pc = p.clamp(1e-6, 1 - 1e-6)
             ent.append(-(pc * pc.log() + (1 - pc) * (1 - pc).log()) / math.log(2.0))
         ref = next(iter(self.gates.values())).logit
-        proportion = (self.graph.macs_kept(kept) / self.base_macs).to(ref.dtype)
+        proportion = torch.as_tensor(self._fraction(kept)).to(ref.dtype)
         h = self._hardness() if self._versions is not None else 0.0
         if h > 0:  # what the training forward runs: the deterministic gates' proportion, the expected one's gradient
             proportion = proportion + h * (self.current_proportion() - proportion.detach())
@@ -639,11 +669,11 @@ class LearnedPruner:
         out = 0.0
         if hardness < 1.0:
             soft = torch.zeros(len(gids), dtype=z.dtype).index_add_(0, index, torch.sigmoid(z) * lens)
-            out += (1.0 - hardness) * float(self.graph.macs_kept(dict(zip(gids, soft.tolist())))) / self.base_macs
+            out += (1.0 - hardness) * float(self._fraction(dict(zip(gids, soft.tolist()))))
         if hardness > 0.0:
             hard = torch.zeros(len(gids), dtype=z.dtype).index_add_(0, index, (z > 0).to(z.dtype) * lens)
             hard = torch.maximum(hard, flat["top_len"])  # open blocks and floor are both top blocks by logit
-            out += hardness * float(self.graph.macs_kept(dict(zip(gids, hard.tolist())))) / self.base_macs
+            out += hardness * float(self._fraction(dict(zip(gids, hard.tolist()))))
         return out
 
     def project(self, step: int | None = None) -> float:
@@ -726,8 +756,9 @@ class LearnedPruner:
         return self.distill_weight * loss
 
     def current_proportion(self) -> float:
-        """MACs kept / baseline with the deterministic gates (what :meth:`finalize` will reach)."""
-        return float(self.graph.macs_kept(self.kept())) / self.base_macs
+        """MACs kept / baseline (predicted latency kept, for a LatencyTarget) with the deterministic gates (what
+        :meth:`finalize` will reach)."""
+        return float(self._fraction(self.kept()))
 
     # ------------------------------------------------------------------ finalize
     def plan(self) -> dict[int, list[int]]:
@@ -751,8 +782,9 @@ class LearnedPruner:
         """Remove the gates and physically prune the units whose deterministic gate is closed.
 
         Kept gates are exactly 1 in deterministic mode, so nothing is folded into the weights.  The model
-        is pruned in place (and verified by :func:`prunekit.prune`) and returned; ``self.reached`` is its
-        MACs / baseline MACs, counted again on the pruned model.
+        is pruned in place (and verified by :func:`prunekit.prune`) and returned; ``self.reached_macs`` is its
+        MACs / baseline MACs, counted again on the pruned model, ``self.reached_latency`` (LatencyTarget) the
+        latency kept as the latency model predicts it, and ``self.reached`` the one of the two the target is in.
         """
         if not self.prepared:
             raise RuntimeError("call prepare() and train before finalize()")
@@ -760,12 +792,15 @@ class LearnedPruner:
             raise RuntimeError("finalize() was already called")
         self._sync()
         plan = self.plan()
+        if self.quantity == "latency":
+            self.reached_latency = float(self._fraction(self.kept()))  # predicted by the latency model
         self.remove_hooks()
         prune(self.model, self.graph, plan, verify=self.verify)
         self.finalized = True
         self.teacher = None
         macs = count(self.model, self.example_inputs, self.forward_fn).macs
-        self.reached = macs / self.base_macs if self.base_macs else 1.0
+        self.reached_macs = macs / self.base_macs if self.base_macs else 1.0
+        self.reached = self.reached_latency if self.quantity == "latency" else self.reached_macs
         log.info("learned pruning finalized: %d group(s) pruned, MACs %d -> %d (%.1f%% kept, target %.1f%%)",
                  len(plan), self.base_macs, macs, 100 * self.reached, 100 * self.target)
         if self.reached > self.target + 0.05:
@@ -819,7 +854,9 @@ class LearnedPruner:
     def compute_normalized_flops(self) -> float:
         """MACs of the model as it is now (deterministic gates; after :meth:`finalize` the pruned model) over
         the baseline MACs."""
-        return self.reached if self.finalized else self.current_proportion()
+        if self.finalized:
+            return self.reached_macs
+        return float(self.graph.macs_kept(self.kept())) / self.base_macs if self.base_macs else 1.0
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({len(self.groups)} groups, target={self.target}, num_steps={self.num_steps}, "
