@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import prunekit as pk
-from tests.test_learned import Net
+from tests.test_learned import Net, train
 
 
 @pytest.fixture(autouse=True)
@@ -136,16 +136,7 @@ def test_latency_target_trains_against_the_shared_latency_model():
     p, fl, el, dl = lp.losses(0)
     assert p.requires_grad and float(p.detach()) == pytest.approx(
         lp._fraction({g: float(v.detach()) for g, v in _expected(lp).items()}), rel=1e-6)
-    g = torch.Generator().manual_seed(2)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    for step in range(200):
-        i = torch.randint(0, len(x), (32,), generator=g)
-        out = model(x[i])
-        p, fl, el, dl = lp.losses(step)
-        loss = F.cross_entropy(out, y[i]) + fl + el + dl
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train(lp, model, x, y, 200, seed=2)
     small = lp.finalize()
     assert lp.reached == lp.reached_latency and lp.reached <= 0.6 + 1e-9 and abs(lp.reached - 0.6) <= 0.05
     assert lp.reached_latency == pytest.approx(lm.measure_model(small).median_ms / lm.base_ms, rel=1e-6)
