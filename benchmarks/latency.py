@@ -244,7 +244,7 @@ def markdown(res: dict[str, Any]) -> str:
             err = f"{r['prediction_error']:+.1%}" if r["prediction_error"] is not None else "-"
             lines.append(head + f"| {meth} | {r['macs_kept']:.3f} | {r['median_ms']:.2f} ({r['q1_ms']:.2f}-"
                                 f"{r['q3_ms']:.2f}) | {r['latency_kept']:.3f} | {eff} | {err} |")
-    lines += summary_lines(res)
+    lines += summary_lines(res) + model_lines(res)
     q = res.get("quality")
     if q:
         lines += ["", "## Fashion-MNIST at equal measured latency", ""]
@@ -291,6 +291,28 @@ def summary(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def model_lines(res: dict[str, Any]) -> list[str]:
+    """Per cell: the latency model (layers, timings, build time) and its whole-model correction: the error of the
+    uncalibrated per-layer prediction at half width, the fitted scale and the fixed share (offset / dense ms)."""
+    lines = ["", "## Latency model and whole-model correction", "",
+             "The fit runs through the dense model and a copy with every prunable group at half width. Fixed share = "
+             "offset of the fit / dense latency: time that does not shrink with the layers' predicted time "
+             "(per-op overhead, unprunable layers, and any non-linearity between the two points); negative where "
+             "layers timed alone are slower than inside the model (ONNX Runtime fuses them).", "",
+             "| model | batch | backend | layers | timings (cached) | build s | uncalibrated err at half width | "
+             "scale | fixed share |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in res["cells"]:
+        lm, b = c.get("latency_model"), c.get("before")
+        if not lm or not b or "scale" not in lm:
+            continue
+        err = lm.get("calibration_uncalibrated_error")
+        share = lm["offset_ms"] / b["median_ms"] if b["median_ms"] > 0 else 0.0
+        lines.append(f"| {c['model']} | {c['batch']} | {c['backend']} | {lm['layers']} | {lm['measured']} "
+                     f"({lm['from_cache']}) | {lm['seconds']} | {format(err, '+.1%') if err is not None else '-'} | "
+                     f"{lm['scale']:.3f} | {share:+.3f} |")
+    return lines
+
+
 def summary_lines(res: dict[str, Any]) -> list[str]:
     lines = ["", "## Summary", "",
              "| method | cells (ran) | median efficiency | efficiency >= 0.95 | latency within 5 % of 0.5 | "
@@ -323,7 +345,12 @@ def main(argv=None) -> int:
                     help="batch size the quality comparison's latency is measured at (the tiny models are "
                          "overhead-bound at small batches)")
     ap.add_argument("--out", default=str(HERE / "results" / "latency"))
+    ap.add_argument("--rerender", metavar="JSON", help="only rewrite the markdown of a results JSON")
     args = ap.parse_args(argv)
+    if args.rerender:
+        src = Path(args.rerender)
+        src.with_suffix(".md").write_text(markdown(json.loads(src.read_text())))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
