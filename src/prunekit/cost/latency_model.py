@@ -187,6 +187,7 @@ def _ort_runner(module: nn.Module, example_inputs: Any, dev: torch.device, threa
     so.intra_op_num_threads = threads if threads is not None else torch.get_num_threads()
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+
     providers = ["CUDAExecutionProvider"] if dev.type == "cuda" else ["CPUExecutionProvider"]
     if dev.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise BackendUnavailable("onnxruntime here has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
@@ -235,7 +236,8 @@ def measure_many(models: Sequence[nn.Module], example_inputs: Any, backend: str 
                  min_round_s: float = 0.05, warmup: int = 3, forward_fn: Callable | None = None) -> Interleaved:
     """Latency of several models measured interleaved, so that a shared machine's drift (clock, other load)
     falls on all of them alike: every runner is built (and warmed up) first, then each of ``rounds`` rounds
-    times every model in turn, ``max(ceil(repeats / rounds), runs filling min_round_s)`` runs each.  Compare
+    times every model in turn, ``max(ceil(repeats / rounds), runs filling min_round_s)`` runs each after one
+    untimed run (with ONNX Runtime, after a 50 ms pause: its idle threads busy-wait and would share the cores).  Compare
     models with :meth:`Interleaved.ratio` (paired per round), not with medians measured at different times."""
     dev = torch.device(device)
     x = example_inputs if batch_size is None else _rebatch(example_inputs, batch_size)
@@ -243,6 +245,7 @@ def measure_many(models: Sequence[nn.Module], example_inputs: Any, backend: str 
     sync = _sync_for(dev)
     homes = [next((p.device for p in m.parameters()), dev) for m in models]
     per_round = max(1, math.ceil(repeats / max(1, rounds)))
+    settle = 0.05 if backend == "onnxruntime" and len(models) > 1 else 0.0
     with _threads(threads), contextlib.ExitStack() as stack, torch.no_grad():
         for m in models:
             stack.enter_context(eval_mode(m))
@@ -259,7 +262,11 @@ def measure_many(models: Sequence[nn.Module], example_inputs: Any, backend: str 
             for _ in range(max(1, rounds)):
                 row = []
                 for i, (run, n) in enumerate(zip(runners, counts)):
-                    ts = _time(run, 0, n, sync)
+                    if settle:
+                        # ONNX Runtime's idle threads busy-wait after a run (its default, kept: it is faster): let
+                        # the last session's threads go to sleep before the next is timed, or they share the cores
+                        time.sleep(settle)
+                    ts = _time(run, 1, n, sync)
                     times[i].extend(ts)
                     row.append(statistics.median(ts))
                 meds.append(row)
