@@ -165,9 +165,12 @@ def bench_cell(name: str, batch: int, backend: str, device: str, args, tp_reason
         pruned_models[meth] = pruned
     # the dense model and every pruned one timed interleaved (rounds of each in turn): a shared machine's drift
     # falls on all alike; latency kept is the per-round paired ratio to the dense model
+    # an identical copy of the dense model timed with them: its ratio to the dense model (ideally 1) is this
+    # cell's measurement noise
     names = list(pruned_models)
-    res = measure_many([model] + [pruned_models[n] for n in names], x, backend, device, batch_size=batch,
-                       rounds=args.rounds, repeats=args.repeats)
+    res = measure_many([model] + [pruned_models[n] for n in names] + [copy.deepcopy(model)], x, backend, device,
+                       batch_size=batch, rounds=args.rounds, repeats=args.repeats)
+    cell["noise"] = res.ratio(len(names) + 1) - 1.0
     base = res.timings[0].to_dict()
     cell["before"] = {"macs": base_macs, **base}
     for i, meth in enumerate(names, start=1):
@@ -236,6 +239,8 @@ def markdown(res: dict[str, Any]) -> str:
             continue
         b = c["before"]
         lines.append(head + f"| dense | 1.000 | {b['median_ms']:.2f} ({b['q1_ms']:.2f}-{b['q3_ms']:.2f}) | 1.000 | | |")
+        if c.get("noise") is not None:
+            lines.append(head + f"| dense copy (noise) | 1.000 | | {1 + c['noise']:.3f} | | |")
         for meth, r in c["methods"].items():
             if "macs" not in r:
                 lines.append(head + f"| {meth} | {r.get('error') or r.get('skipped')} | | | | |")
@@ -317,6 +322,11 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
     lines = ["", "## Summary", "",
              "| method | cells (ran) | median efficiency | efficiency >= 0.95 | latency within 5 % of 0.5 | "
              "latency <= 0.5 + 5 % | median abs pred err |", "|---|---|---|---|---|---|---|"]
+    noise = sorted(abs(c["noise"]) for c in res["cells"] if c.get("noise") is not None)
+    if noise:
+        lines[3:3] = [f"Measurement noise: an identical copy of the dense model, timed interleaved with the others, "
+                      f"measures {statistics.median(noise):.1%} off the dense model in the median cell, up to "
+                      f"{noise[-1]:.1%}.", ""]
     for meth, d in summary(res).items():
         f = lambda v, fmt: format(v, fmt) if v is not None else "-"  # noqa: E731
         lines.append(f"| {meth} | {d['cells']} ({d['ok']}) | {f(d['median_efficiency'], '.2f')} | "
@@ -334,7 +344,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=["pk flops r8", "pk flops auto", "pk latency", "tp"])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and a sparser width grid (a smoke run)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per model (spread over --rounds)")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the dense and pruned models")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the dense and pruned models")
     ap.add_argument("--layer-repeats", type=int, default=None)
     ap.add_argument("--points", type=int, default=None, help="anchors of the latency model's width grid")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
