@@ -108,8 +108,9 @@ class Pruner:
             in steps that make every tensor dim the group cuts a multiple of ``round_to`` (see
             :func:`unit_step`); whole heads too (their width is a multiple of head_dim).  Experts are not
             rounded.  A group smaller than one step is not pruned.
-            ``"auto"``: per group, only widths measured by the :attr:`latency_model` and on the fast side of its
-            staircase (strictly faster than every wider measured width) are kept.
+            ``"auto"``: per group, only widths measured by the :attr:`latency_model`, at multiples of its
+            ``align`` channels (8) and on the fast side of its staircase (strictly faster than every wider
+            measured width) are kept (:meth:`prunekit.LatencyModel.fast_widths`).
         max_ratio: at most this fraction of a group's (original) units is removed; one unit always stays.
         ratios: per-module channel-ratio overrides ``{module or name pattern: ratio}`` (local pruning).
         ignore: modules (objects or fnmatch name patterns) whose output channels are never pruned.  The
