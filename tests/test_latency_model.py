@@ -374,6 +374,7 @@ def test_measure_many_interleaves_and_pairs_ratios():
     """Several models timed in rounds, each in turn; the paired ratio says the 4x-narrower net is faster (a wide
     bound: a noisy shared machine), and every model gets its runs and spread."""
     from prunekit.cost.latency_model import measure_many
+    assert pk.measure_many is measure_many
     torch.manual_seed(0)
     wide = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)).eval()
     narrow = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()

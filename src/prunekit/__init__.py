@@ -17,7 +17,7 @@ from .graph import PruneGraph, analyze
 from .plan.importance import Criterion, get_criterion
 from .io import CheckpointError, ExportError, export, load, load_state_dict_pruned, save
 from .cost import LatencyResult, Stats, count, latency
-from .cost.latency_model import BackendUnavailable, LatencyModel
+from .cost.latency_model import BackendUnavailable, LatencyModel, measure_many
 from .plan.schedules import AGP, Geometric, Linear, LotteryTicket, OneShot, get_schedule, prune_iteratively
 from .analysis import Group
 from .analysis.ops.registry import register_op, unregister_op
@@ -38,7 +38,7 @@ __all__ = [
     # extending: teach prunekit a custom layer
     "ModuleSpec", "register_module", "unregister_module", "ExpertSpec", "register_experts", "unregister_experts",
     # measuring, saving, exporting
-    "LatencyResult", "Stats", "count", "latency", "LatencyModel", "BackendUnavailable", "CheckpointError", "ExportError", "export", "load",
+    "LatencyResult", "Stats", "count", "latency", "LatencyModel", "measure_many", "BackendUnavailable", "CheckpointError", "ExportError", "export", "load",
     "load_state_dict_pruned", "save",
     # criteria, targets, the pruner, schedules
     "Criterion", "get_criterion", "importance", "ChannelRatio", "FlopsTarget", "LatencyTarget", "ParamsTarget",

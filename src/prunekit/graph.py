@@ -100,6 +100,14 @@ class PruneGraph:
         """Fraction of FLOPs that pruning can remove: every prunable group down to one unit."""
         return self.cost.prunable_proportion
 
+    def pruned_copy(self, plan: Mapping[int, Iterable[int]], model: nn.Module | None = None, *,
+                    verify: bool = True) -> nn.Module:
+        """A pruned deep copy of ``model`` (default: the model this graph was built from) after ``plan``; the
+        model and the graph stay as they are (:func:`prunekit.surgery.pruned_copy`).  The way the layers before
+        surgery (the latency model's whole-model correction) get a pruned model without importing surgery."""
+        from .surgery.apply import pruned_copy
+        return pruned_copy(self.model_ref if model is None else model, self, plan, verify=verify)
+
     # ------------------------------------------------------------------ reports
     def summary(self, show_pinned: bool = True, max_modules: int = 3) -> str:
         """A readable table: id, unit, size, modules, exact, prunable/reason."""

@@ -551,7 +551,6 @@ class LatencyModel:
         ``scale``/``offset`` so that the prediction equals the whole-model measurement at full width and at
         that width.  Returns (and keeps in ``calibration``) the fit and its inputs; None (the model is left
         uncalibrated, with the reason logged) where the copy cannot be built or the layers barely change."""
-        from ..surgery.apply import pruned_copy
         plan = {}
         for g in graph.prunable_groups:
             k = g.size * fraction
@@ -561,8 +560,8 @@ class LatencyModel:
                 plan[g.id] = list(range(g.size - k))
         if not plan:
             return None
-        try:
-            trial = pruned_copy(self._model, graph, plan, verify=False)
+        try:  # the graph makes the copy (prunekit.PruneGraph.pruned_copy): cost comes before surgery
+            trial = graph.pruned_copy(plan, self._model, verify=False)
         except Exception as e:  # noqa: BLE001 - the correction is an improvement, not a requirement
             log.warning("latency model: no whole-model correction (the half-width copy failed: %s: %s)",
                         type(e).__name__, e)
