@@ -187,7 +187,6 @@ def _ort_runner(module: nn.Module, example_inputs: Any, dev: torch.device, threa
     so.intra_op_num_threads = threads if threads is not None else torch.get_num_threads()
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-
     providers = ["CUDAExecutionProvider"] if dev.type == "cuda" else ["CPUExecutionProvider"]
     if dev.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise BackendUnavailable("onnxruntime here has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
@@ -237,8 +236,9 @@ def measure_many(models: Sequence[nn.Module], example_inputs: Any, backend: str 
     """Latency of several models measured interleaved, so that a shared machine's drift (clock, other load)
     falls on all of them alike: every runner is built (and warmed up) first, then each of ``rounds`` rounds
     times every model in turn, ``max(ceil(repeats / rounds), runs filling min_round_s)`` runs each after one
-    untimed run (with ONNX Runtime, after a 50 ms pause: its idle threads busy-wait and would share the cores).  Compare
-    models with :meth:`Interleaved.ratio` (paired per round), not with medians measured at different times."""
+    untimed run (with ONNX Runtime, after a 50 ms pause: its idle threads busy-wait and would share the cores).
+    Compare models with :meth:`Interleaved.ratio` (paired per round), not with medians measured at different
+    times."""
     dev = torch.device(device)
     x = example_inputs if batch_size is None else _rebatch(example_inputs, batch_size)
     x = _to(x, dev)
