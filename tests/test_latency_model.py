@@ -236,6 +236,7 @@ def test_cli_latency_flags(tmp_path):
     assert r["options"]["latency_target"] == 0.9 and r["options"]["latency_batch"] == 2
     lat = r["latency"]
     assert lat["backend"] == "eager" and lat["batch_size"] == 2
+    assert lat["interleaved"] is True  # a small model: an unpruned copy is timed together with the pruned one
     for k in ("before", "after"):
         assert lat[k]["min_ms"] <= lat[k]["q1_ms"] <= lat[k]["median_ms"] <= lat[k]["q3_ms"] <= lat[k]["max_ms"]
     assert "LatencyTarget" in r["target"] and "backend='eager'" in r["target"]

@@ -358,13 +358,34 @@ def _output_shapes(model, x) -> list[list[int]]:
         return [list(t.shape) for t in flatten_outputs(call_model(model, x, default_forward_fn(model)))[0]]
 
 
-def _measure_latency(args, model, x):
-    """Latency on --latency-backend at --latency-batch: a :class:`prunekit.cost.latency_model.Timing`."""
-    from ..cost.latency_model import BackendUnavailable, measure
+def _measure_latency(args, model, x, reference=None):
+    """Latency on --latency-backend at --latency-batch: a :class:`prunekit.cost.latency_model.Timing`; with a
+    ``reference`` (the unpruned copy), the (before, after) timings of the two measured interleaved."""
+    from ..cost.latency_model import BackendUnavailable, measure, measure_many
     try:
+        if reference is not None:
+            res = measure_many([reference, model], x, args.latency_backend, batch_size=args.latency_batch,
+                               rounds=5, repeats=10)
+            return res.timings[0], res.timings[1]
         return measure(model, x, args.latency_backend, batch_size=args.latency_batch, repeats=10)
     except BackendUnavailable as e:
         raise CLIError(f"--latency-backend {args.latency_backend}: {e}", FAILURE) from e
+
+
+REFERENCE_COPY_MAX_BYTES = 2 << 30  # --latency keeps an unpruned copy up to this size, to time before/after together
+
+
+def _reference_copy(model):
+    """A deep copy of the unpruned model to time interleaved with the pruned one (drift on a shared machine falls on
+    both alike), or None where the model is larger than REFERENCE_COPY_MAX_BYTES or cannot be copied."""
+    import copy
+    size = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    if size > REFERENCE_COPY_MAX_BYTES:
+        return None
+    try:
+        return copy.deepcopy(model)
+    except Exception:  # noqa: BLE001 - a model deepcopy refuses is timed before and after instead
+        return None
 
 
 def cmd_prune(args, parser, argv) -> int:
@@ -430,11 +451,14 @@ def cmd_prune(args, parser, argv) -> int:
     with steps("count_before", "counting MACs and parameters"):
         stats_before = pk.count(graph)
         proportion = pruner.prunable_proportion
-    lat_before = None
+    lat_before = reference = None
+    interleaved = False
     timed = args.latency or args.latency_target is not None  # a latency target is always checked by measuring
     if timed:
-        with steps("latency_before", "measuring latency (before)"):
-            lat_before = _measure_latency(args, model, x)
+        reference = _reference_copy(model)
+        if reference is None:
+            with steps("latency_before", "measuring latency (before)"):
+                lat_before = _measure_latency(args, model, x)
     scores = None
     if args.plot:
         with steps("score", f"scoring units ({crit.name})"):
@@ -455,8 +479,13 @@ def cmd_prune(args, parser, argv) -> int:
         stats_after = pk.count(model, x)
     lat_after = None
     if timed:
-        with steps("latency_after", "measuring latency (after)"):
-            lat_after = _measure_latency(args, model, x)
+        if reference is None:
+            with steps("latency_after", "measuring latency (after)"):
+                lat_after = _measure_latency(args, model, x)
+        else:
+            with steps("latency", "measuring latency (before and after, interleaved)"):
+                lat_before, lat_after = _measure_latency(args, model, x, reference)
+            reference, interleaved = None, True
     ppl_after = None
     if ppl_before is not None:
         with steps("perplexity_after", "held-out perplexity (after)"):
@@ -466,6 +495,7 @@ def cmd_prune(args, parser, argv) -> int:
                           plan=plan, stats_before=stats_before, stats_after=stats_after, proportion=proportion,
                           changed=_changed_layers(snap, model), output_shapes=shapes_after,
                           timings=steps.times, latency_before=lat_before, latency_after=lat_after,
+                          latency_interleaved=interleaved,
                           kept_units=kept_units)
     if stats_original is not None:  # --depth: before = the model as loaded
         report["before"] = {"macs": stats_original.macs, "flops": stats_original.flops,

@@ -114,7 +114,7 @@ def analyze_text(args, lm, graph, r: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- prune
 def prune_report(args, lm, *, target, criterion, shape, sources: dict[str, str], graph, plan: dict,
                  stats_before, stats_after, proportion: float, changed: list[dict], output_shapes: list,
-                 timings: dict[str, float], latency_before=None, latency_after=None,
+                 timings: dict[str, float], latency_before=None, latency_after=None, latency_interleaved=False,
                  kept_units: dict | None = None) -> dict[str, Any]:
     """The ``prunekit prune`` report: options, MACs / FLOPs / params (and latency) before and after, the
     changed layers, group counts, pinned groups, verification, the kept share of heads and channels
@@ -129,7 +129,8 @@ def prune_report(args, lm, *, target, criterion, shape, sources: dict[str, str],
     latency = None if latency_before is None else {
         "backend": getattr(args, "latency_backend", "eager"), "batch_size": getattr(args, "latency_batch", None),
         "before": _timing(latency_before), "after": _timing(latency_after),
-        "kept": latency_after.median_ms / latency_before.median_ms if latency_before.median_ms else None}
+        "kept": latency_after.median_ms / latency_before.median_ms if latency_before.median_ms else None,
+        "interleaved": bool(latency_interleaved)}
     goal = getattr(args, "latency_target", None)
     if latency is not None and goal is not None and latency["kept"] is not None:
         # the measured latency kept vs the goal: within 5% of the measured latency counts as met
@@ -190,7 +191,8 @@ def prune_text(args, lm, r: dict, target) -> list[str]:
         lat = r.get("latency")
         if lat:
             bs = lat["batch_size"] if lat["batch_size"] is not None else "as the input"
-            text.append(f"  ({lat['backend']}, batch {bs}: median over {lat['before'].get('repeats')} runs; spread "
+            how = "timed interleaved, " if lat.get("interleaved") else ""
+            text.append(f"  ({lat['backend']}, batch {bs}: {how}median over {lat['before'].get('repeats')} runs; spread "
                         + ", ".join(f"{k} {_spread(lat[k])}" for k in ("before", "after")) + ")")
             if lat.get("goal") is not None:
                 text.append(f"  latency kept {lat['kept']:.3f} of the original, goal {lat['goal']:.3f} "
