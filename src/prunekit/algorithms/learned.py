@@ -323,6 +323,8 @@ class LearnedPruner:
             from ..cost.latency_model import latency_model_for
             self.latency_model = latency_model_for(model, example_inputs, self.target_spec, graph=self.graph,
                                                    forward_fn=forward_fn)
+        # the predicted latency of the ungated model (the widths do not change until finalize)
+        self._base_latency = self.latency_model.predict(self.graph, {}) if self.quantity == "latency" else None
         self.groups = self._eligible()
         self.gates: dict[int, _Gate] = {}
         self.sites: list[_Site] = []
@@ -376,8 +378,10 @@ class LearnedPruner:
         """The target's quantity kept at ``kept`` (units per group: ints, floats or tensors, differentiable),
         as a fraction of the baseline: MACs, or the latency the latency model predicts."""
         if self.quantity == "latency":
-            lm = self.latency_model
-            return lm.predict(self.graph, kept) / lm.predict(self.graph, {})
+            return self.latency_model.predict(self.graph, kept) / self._base_latency
+        return self._macs_fraction(kept)
+
+    def _macs_fraction(self, kept: Mapping[int, Any]) -> Any:
         return self.graph.macs_kept(kept) / self.base_macs if self.base_macs else 1.0
 
     @property
@@ -856,7 +860,7 @@ class LearnedPruner:
         the baseline MACs."""
         if self.finalized:
             return self.reached_macs
-        return float(self.graph.macs_kept(self.kept())) / self.base_macs if self.base_macs else 1.0
+        return float(self._macs_fraction(self.kept()))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({len(self.groups)} groups, target={self.target}, num_steps={self.num_steps}, "

@@ -485,10 +485,8 @@ class Pruner:
         # steps the model's own fraction of the original comes from the baseline measured before the first
         cur = 1.0 if not self.history else self._measure(self.model) / max(self.base_latency, 1e-12)
         tol, rounds, f = 0.02, 6, 1.0
-        tried: list[tuple[float, dict[int, int]]] = []
-        seen: dict[tuple, float] = {}  # plan -> measured ratio: the same plan is not measured twice
+        seen: dict[tuple, tuple[float, dict[int, int]]] = {}  # plan -> (measured ratio, plan): each measured once
         factors: list[tuple[float, float]] = []  # (budget factor, measured ratio)
-        fresh = True
         for _ in range(4 * rounds):  # solves are cheap; measurements (new plans) are limited to ``rounds``
             kept = solve(lm, self.graph, slots, scores, lm.base_ms * goal * f, self.criterion, exhaust=True)
             key = tuple(sorted(kept.items()))
@@ -496,24 +494,24 @@ class Pruner:
             if fresh:
                 if len(seen) >= rounds:
                     break
-                seen[key] = cur * self._latency_ratio(kept)
-                tried.append((seen[key], kept))
+                seen[key] = (cur * self._latency_ratio(kept), kept)
                 log.info("latency knapsack: predicted budget x%.3f -> measured %.4f of the original (goal %.4f)", f,
-                         seen[key], goal)
-            r = seen[key]
+                         seen[key][0], goal)
+            r = seen[key][0]
             factors.append((f, r))
             if abs(r - goal) <= tol * goal:
                 return kept
-            under = [x[0] for x in factors if x[1] < goal]
-            over = [x[0] for x in factors if x[1] > goal]
-            if under and over and max(under) < min(over):  # bracketed: interpolate, or halve if that plan was seen
-                (f0, r0), (f1, r1) = max(x for x in factors if x[1] < goal), min(x for x in factors if x[1] > goal)
+            lo = max((x for x in factors if x[1] < goal), default=None)  # the largest budget measured under
+            hi = min((x for x in factors if x[1] > goal), default=None)  # the smallest budget measured over
+            if lo is not None and hi is not None and lo[0] < hi[0]:  # bracketed: interpolate, or halve if seen
+                (f0, r0), (f1, r1) = lo, hi
                 nf = f0 + (f1 - f0) * (goal - r0) / (r1 - r0) if fresh and r1 > r0 else (f0 + f1) / 2
                 if abs(nf - f0) < 1e-4 * f0 or abs(nf - f1) < 1e-4 * f1:
                     break  # no plan between the two: the staircase of this model
                 f = nf
             else:  # a budget that gave a plan already measured moves twice as far
                 f *= (goal / max(r, 1e-9)) ** (1 if fresh else 2)
+        tried = list(seen.values())
         ok = [x for x in tried if x[0] <= goal * (1 + tol)]
         if not ok:
             r = min(x[0] for x in tried)
@@ -544,23 +542,26 @@ class Pruner:
             self._base_latency = self._measure(self.model)
         return self._base_latency
 
+    def _trial(self, kept: Mapping[int, int]) -> nn.Module | None:
+        """A pruned copy of the model with each group at ``kept`` units (which units: irrelevant for timing), or
+        None where ``kept`` changes nothing."""
+        graph = self.graph
+        plan = {gid: graph.group(gid).size - k for gid, k in kept.items() if graph.group(gid).size > k}
+        if not plan:
+            return None
+        return pruned_copy(self.model, graph, {gid: list(range(n)) for gid, n in plan.items()}, verify=False)
+
     def _latency_ratio(self, kept: Mapping[int, int]) -> float:
         """Measured latency of the model after ``kept`` relative to the model as it is (the latency model's
         backend, device and batch; the two measured interleaved)."""
-        graph = self.graph
-        plan = {gid: graph.group(gid).size - k for gid, k in kept.items() if graph.group(gid).size > k}
-        if not plan:
+        trial = self._trial(kept)
+        if trial is None:
             return 1.0
-        trial = pruned_copy(self.model, graph, {gid: list(range(n)) for gid, n in plan.items()}, verify=False)
         return self.latency_model.measure_ratio(trial, self.model, repeats=getattr(self.target, "repeats", 10))
 
     def _latency_of(self, kept: Mapping[int, int]) -> float:
-        graph = self.graph
-        plan = {gid: graph.group(gid).size - k for gid, k in kept.items() if graph.group(gid).size > k}
-        if not plan:
-            return self._measure(self.model)
-        trial = pruned_copy(self.model, graph, {gid: list(range(n)) for gid, n in plan.items()}, verify=False)
-        return self._measure(trial)
+        trial = self._trial(kept)
+        return self._measure(self.model if trial is None else trial)
 
     # ------------------------------------------------------------------ acting
     def step(self, sparsity: float | None = None) -> nn.Module:

@@ -566,10 +566,11 @@ class LatencyModel:
             log.warning("latency model: no whole-model correction (the half-width copy failed: %s: %s)",
                         type(e).__name__, e)
             return None
-        l_full, l_half = self.layers_ms(), self.layers_ms(_widths_of(trial, self.layers))
+        half = _widths_of(trial, self.layers)
+        l_full, l_half = self.layers_ms(), self.layers_ms(half)
         if l_full <= 0 or l_full - l_half < 0.05 * l_full:
             return None
-        before = self.predict_widths(_widths_of(trial, self.layers))
+        before = self.predict_widths(half)
         # the half-width time relative to the full model, measured interleaved (drift cancels)
         m_full = self.base_ms
         m_half = m_full * self.measure_ratio(trial, self._model)

@@ -97,6 +97,14 @@ def solve(lm: Any, graph: Any, slots: Sequence[Any], scores: Mapping[int, torch.
                 best = (ratio, j, nw)
         return best
 
+    def take(nw: dict[str, list[int]]) -> None:
+        nonlocal total
+        for n, w in nw.items():
+            width[n] = w
+            new = layers[n].ms(*w)
+            total += (new - lay_ms[n]) * factor
+            lay_ms[n] = new
+
     moves = {i: best_move(i) for i in range(len(slots))}
     while total > budget_ms * (1 + 1e-9):
         cand = [(mv[0], i) for i, mv in moves.items() if mv is not None]
@@ -104,11 +112,7 @@ def solve(lm: Any, graph: Any, slots: Sequence[Any], scores: Mapping[int, torch.
             return {sl.group.id: k for sl, k in zip(slots, kept)} if exhaust else None
         _, i = min(cand)
         _, j, nw = moves[i]
-        for n, w in nw.items():
-            width[n] = w
-            new = layers[n].ms(*w)
-            total += (new - lay_ms[n]) * factor
-            lay_ms[n] = new
+        take(nw)
         pos[i], kept[i] = j, rungs[i][j]
         dirty = {i} | {k for n, _, _ in touch[i] for k in by_layer.get(n, ())}
         for k in dirty:
@@ -131,11 +135,7 @@ def solve(lm: Any, graph: Any, slots: Sequence[Any], scores: Mapping[int, torch.
         if best is None:
             break
         _, i, j, nw = best
-        for n, w in nw.items():
-            width[n] = w
-            new = layers[n].ms(*w)
-            total += (new - lay_ms[n]) * factor
-            lay_ms[n] = new
+        take(nw)
         pos[i], kept[i] = j, rungs[i][j]
     return {sl.group.id: k for sl, k in zip(slots, kept)}
 
